@@ -1,0 +1,310 @@
+"""BiFusionEncoder: frames in, per-point fused features out, every stage batched."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import geometry as geo
+from .batch import PackedBatch, pack_frames
+from .checkpoint import load_checkpoint, load_into
+from .config import ModelConfig
+from .demo import default_checkpoint_path
+from .model import BiFusionModel
+from .types import EncodeOptions, Frame, FrameResult, FrameStats, Limits
+from .validation import validate_frame
+
+log = logging.getLogger("bifusion")
+
+DEMO_WARNING = (
+    "BiFusion is running on the random-init DEMO checkpoint: its features are NOT "
+    "meaningful. Pass a trained checkpoint for real use."
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    checkpoint_path: str
+    checkpoint_sha256: str
+    device: str
+    demo_weights: bool
+    config: ModelConfig
+    limits: Limits
+    amp: bool
+
+
+@dataclass
+class Points:
+    """All frames' points, packed and ordered by frame."""
+
+    xyz_cam: torch.Tensor  # P×3
+    rgb: torch.Tensor  # P×3 in 0..255
+    batch_index: torch.Tensor  # P
+    point_index: torch.Tensor  # P, pixel index or client row
+    counts: torch.Tensor  # B
+    u: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor  # P bool, projection inside the image (and not occluded)
+    xyz_world: torch.Tensor  # P×3
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    return device
+
+
+class BiFusionEncoder:
+    """Loads a checkpoint once; :meth:`encode` runs a list of frames as one batch."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "auto",
+        amp: bool = False,
+        limits: Limits | None = None,
+    ):
+        self.device = resolve_device(device)
+        path = Path(checkpoint) if checkpoint else default_checkpoint_path()
+        ckpt = load_checkpoint(path)
+        self.config = ckpt.config
+        self.model = BiFusionModel(self.config)
+        load_into(self.model, ckpt.state_dict, source=str(path))
+        self.model.eval().to(self.device)
+        self.amp = amp and self.device.type == "cuda"
+        self.limits = limits or Limits()
+        self.info = ModelInfo(
+            architecture=(
+                f"BiFusion(CLIP {self.config.clip.model_name} @ block {self.config.clip.layers}"
+                " + Res16UNet34C, LiteFusionGate)"
+            ),
+            checkpoint_path=str(path),
+            checkpoint_sha256=ckpt.sha256,
+            device=str(self.device),
+            demo_weights=self.config.demo_weights,
+            config=self.config,
+            limits=self.limits,
+            amp=self.amp,
+        )
+        if self.config.demo_weights:
+            log.warning(DEMO_WARNING)
+
+    def validate(self, frame: Frame, options: EncodeOptions | None = None) -> None:
+        """Raise :class:`InputError` naming the field if the frame cannot be encoded."""
+        validate_frame(frame, options or EncodeOptions(), self.config, self.limits)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        frames: Sequence[Frame],
+        options: Sequence[EncodeOptions] | EncodeOptions | None = None,
+        validate: bool = True,
+    ) -> list[FrameResult]:
+        if not frames:
+            return []
+        if options is None or isinstance(options, EncodeOptions):
+            options = [options or EncodeOptions()] * len(frames)
+        if len(options) != len(frames):
+            raise ValueError("options must be one per frame")
+        if validate:
+            for frame, opts in zip(frames, options, strict=True):
+                self.validate(frame, opts)
+
+        timer = _StageTimer(self.device)
+        with timer("prepare"):
+            batch = pack_frames(frames, options, self.config, self.device)
+        with timer("points"):
+            points = self._points(batch)
+        with timer("clip"), self._autocast():
+            maps = self.model.clip(self._clip_images(batch)).float()
+        with timer("unet"):
+            point_3d = self.model.features_3d(points.xyz_world, points.rgb, points.batch_index)
+        with timer("fusion"), self._autocast():
+            gx, gy = geo.pixel_to_grid(
+                points.u,
+                points.v,
+                batch.widths[points.batch_index],
+                batch.heights[points.batch_index],
+            )
+            sampled = geo.sample_bilinear(maps, points.batch_index, gx, gy)
+            features, alpha = self.model.fuse(
+                sampled, point_3d, points.valid, points.batch_index, batch.num_frames
+            )
+        with timer("output"):
+            results = self._results(frames, options, points, features.float(), alpha.float())
+        for result in results:
+            result.timings_ms = timer.ms
+        return results
+
+    # Stage 1, 2 and 5's geometry: points, their camera/world coordinates and projection.
+    def _points(self, batch: PackedBatch) -> Points:
+        cfg = self.config
+        pixel_counts = batch.widths * batch.heights
+        pixel_frame = geo.segment_ids(pixel_counts)
+        from_depth = batch.has_depth & ~batch.uses_client_points
+        usable = (batch.depth >= cfg.min_depth) & (batch.depth <= cfg.max_depth) & from_depth[pixel_frame]
+        candidates = torch.nonzero(usable).squeeze(1)
+        counts = torch.bincount(pixel_frame[candidates], minlength=batch.num_frames)
+        pixels = candidates[geo.uniform_subsample(counts, batch.max_points)]
+        depth_frame = pixel_frame[pixels]
+        local = pixels - batch.pixel_offsets[depth_frame]
+        width = batch.widths[depth_frame]
+        depth_xyz = geo.backproject(
+            (local % width).float(),
+            torch.div(local, width, rounding_mode="floor").float(),
+            batch.depth[pixels],
+            batch.intrinsics[depth_frame],
+        )
+
+        client_frame = geo.segment_ids(batch.client_counts)
+        client_index = (
+            torch.arange(len(client_frame), device=batch.device)
+            - geo.segment_offsets(batch.client_counts)[client_frame]
+        )
+
+        frame = torch.cat((depth_frame, client_frame))
+        order = torch.argsort(frame, stable=True)
+        batch_index = frame[order]
+        xyz = torch.cat((depth_xyz, batch.client_points[:, :3]))[order]
+        point_index = torch.cat((local, client_index))[order]
+        nan_rgb = torch.full_like(depth_xyz, float("nan"))
+        rgb = torch.cat((nan_rgb, batch.client_points[:, 3:]))[order]
+
+        width, height = batch.widths[batch_index], batch.heights[batch_index]
+        u, v = geo.project(xyz, batch.intrinsics[batch_index])
+        valid = geo.inside_image(u, v, xyz[:, 2], width, height)
+        pixel = batch.pixel_offsets[batch_index] + geo.nearest_pixel(u, v, width, height)
+
+        # Occlusion test for client points sent with a depth image (OpenScene's rule).
+        tau = batch.occlusion_tau[batch_index]
+        tested = batch.uses_client_points[batch_index] & batch.has_depth[batch_index] & (tau > 0)
+        surface = batch.depth[pixel]
+        visible = (surface - xyz[:, 2]).abs() <= tau * xyz[:, 2]
+        valid = valid & (~tested | visible)
+
+        # Colour: the client's, else the pixel the point projects onto, else the mean
+        # colour (which the 3D branch normalises to zero).
+        image_rgb = batch.color[pixel].float()
+        mean_rgb = self.model.color_mean.expand_as(image_rgb)
+        fallback = torch.where(valid.unsqueeze(1), image_rgb, mean_rgb)
+        rgb = torch.where(torch.isnan(rgb), fallback, rgb)
+
+        return Points(
+            xyz_cam=xyz,
+            rgb=rgb,
+            batch_index=batch_index,
+            point_index=point_index,
+            counts=torch.bincount(batch_index, minlength=batch.num_frames),
+            u=u,
+            v=v,
+            valid=valid,
+            xyz_world=geo.transform(xyz, batch.cam_to_world[batch_index]),
+        )
+
+    def _clip_images(self, batch: PackedBatch) -> torch.Tensor:
+        """Every frame squashed to the CLIP input size, one resize per distinct frame size."""
+        size = self.config.clip.image_size
+        images = torch.empty(batch.num_frames, 3, size, size, device=batch.device)
+        for indices, height, width in batch.size_groups:
+            index = torch.tensor(indices, device=batch.device)
+            offsets = batch.pixel_offsets[index].unsqueeze(1) + torch.arange(
+                height * width, device=batch.device
+            )
+            group = batch.color[offsets].view(len(indices), height, width, 3)
+            group = group.permute(0, 3, 1, 2).float()
+            resized = F.interpolate(
+                group, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )
+            images[index] = resized.clamp_(0, 255)
+        return images
+
+    def _results(
+        self,
+        frames: Sequence[Frame],
+        options: Sequence[EncodeOptions],
+        points: Points,
+        features: torch.Tensor,
+        alpha: torch.Tensor,
+    ) -> list[FrameResult]:
+        valid_f = points.valid.float()
+        num_frames = len(frames)
+        valid_count = torch.zeros(num_frames, device=valid_f.device).index_add_(
+            0, points.batch_index, valid_f
+        )
+        alpha_sum = torch.zeros(num_frames, device=valid_f.device).index_add_(
+            0, points.batch_index, alpha * valid_f
+        )
+        want_world = any(o.return_points_world for o in options)
+        host = {
+            "features": features,
+            "alpha": alpha,
+            "valid": points.valid,
+            "point_indices": points.point_index,
+            "points_world": points.xyz_world if want_world else None,
+            "counts": points.counts,
+            "valid_count": valid_count,
+            "alpha_sum": alpha_sum,
+        }
+        host = {k: v.to("cpu", non_blocking=True) if v is not None else None for k, v in host.items()}
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        counts = host["counts"].tolist()
+
+        def split(name):
+            tensor = host[name]
+            return [None] * num_frames if tensor is None else [t.numpy() for t in torch.split(tensor, counts)]
+
+        parts = {k: split(k) for k in ("features", "alpha", "valid", "point_indices", "points_world")}
+        results = []
+        for i, (frame, opts) in enumerate(zip(frames, options, strict=True)):
+            n, n_valid = counts[i], float(host["valid_count"][i])
+            results.append(
+                FrameResult(
+                    frame_id=frame.frame_id,
+                    features=parts["features"][i],
+                    alpha=parts["alpha"][i],
+                    valid=parts["valid"][i],
+                    point_indices=parts["point_indices"][i],
+                    points_world=parts["points_world"][i] if opts.return_points_world else None,
+                    stats=FrameStats(
+                        num_points=n,
+                        valid_ratio=n_valid / n if n else 0.0,
+                        gate_mean=float(host["alpha_sum"][i]) / n_valid if n_valid else 0.0,
+                    ),
+                )
+            )
+        return results
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+
+class _StageTimer:
+    """Wall time per stage in ms; waits for the GPU so each stage is charged its own work."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.ms[name] = (time.perf_counter() - start) * 1000.0

@@ -1,0 +1,130 @@
+"""Checks on a frame before it joins a batch; every failure names its field."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import InputError
+from .types import EncodeOptions, Frame, Limits
+
+RIGID_TOLERANCE = 1e-3
+
+
+def validate_frame(frame: Frame, options: EncodeOptions, config: ModelConfig, limits: Limits) -> None:
+    _check_color(frame.color, limits)
+    _check_intrinsics(frame)
+    if frame.cam_to_world is not None:
+        check_pose(frame.cam_to_world)
+    if frame.depth is not None:
+        _check_depth(frame)
+    _check_options(options, limits)
+    if frame.points is not None:
+        _check_points(frame.points, limits)
+    elif frame.depth is None:
+        raise InputError("depth", "a depth image is required when no points are sent")
+    else:
+        _check_valid_depth(frame, config)
+
+
+def _check_color(color, limits: Limits) -> None:
+    if not isinstance(color, np.ndarray):
+        raise InputError("color", f"expected a numpy array, got {type(color).__name__}")
+    if color.dtype != np.uint8:
+        raise InputError("color", f"dtype must be uint8, got {color.dtype}")
+    if color.ndim != 3 or color.shape[2] != 3:
+        raise InputError("color", f"shape must be H×W×3, got {tuple(color.shape)}")
+    height, width = color.shape[:2]
+    if min(height, width) < limits.min_image_side or max(height, width) > limits.max_image_side:
+        raise InputError(
+            "color",
+            f"size {width}×{height} is outside "
+            f"{limits.min_image_side}..{limits.max_image_side} pixels a side",
+        )
+
+
+def _check_intrinsics(frame: Frame) -> None:
+    for name in ("fx", "fy", "cx", "cy"):
+        value = getattr(frame.intrinsics, name)
+        if not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+            raise InputError(f"intrinsics.{name}", f"must be a finite number, got {value!r}")
+        if value <= 0:
+            raise InputError(f"intrinsics.{name}", f"must be positive, got {value}")
+
+
+def check_pose(pose) -> None:
+    """A finite rigid transform: orthonormal rotation with det +1, last row 0 0 0 1."""
+    arr = np.asarray(pose)
+    if arr.shape != (4, 4):
+        raise InputError("cam_to_world", f"must be 4×4, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise InputError("cam_to_world", "must hold finite numbers")
+    arr = arr.astype(np.float64)
+    if np.abs(arr[3] - (0, 0, 0, 1)).max() > 1e-6:
+        raise InputError("cam_to_world", f"last row must be 0 0 0 1, got {arr[3].tolist()}")
+    rot = arr[:3, :3]
+    error = np.abs(rot.T @ rot - np.eye(3)).max()
+    if error > RIGID_TOLERANCE or np.linalg.det(rot) < 0:
+        raise InputError(
+            "cam_to_world",
+            f"rotation is not orthonormal with det +1 (max |RᵀR − I| = {error:.2e}); "
+            "scale, shear and reflection are not allowed",
+        )
+
+
+def _check_depth(frame: Frame) -> None:
+    depth = frame.depth
+    if not isinstance(depth, np.ndarray):
+        raise InputError("depth", f"expected a numpy array, got {type(depth).__name__}")
+    if depth.dtype not in (np.uint16, np.float32, np.float64):
+        raise InputError("depth", f"dtype must be uint16 or float32 metres, got {depth.dtype}")
+    if depth.shape != frame.color.shape[:2]:
+        raise InputError(
+            "depth",
+            f"shape {tuple(depth.shape)} does not match the colour image's "
+            f"{tuple(frame.color.shape[:2])} (H, W); depth must be registered to colour",
+        )
+    if depth.dtype == np.uint16:
+        scale = frame.depth_scale
+        if not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale) or scale <= 0:
+            raise InputError("depth_scale", f"must be a positive finite number, got {scale!r}")
+
+
+def _check_valid_depth(frame: Frame, config: ModelConfig) -> None:
+    depth = frame.depth
+    metres = depth * (1.0 / frame.depth_scale) if depth.dtype == np.uint16 else depth
+    with np.errstate(invalid="ignore"):
+        valid = (metres >= config.min_depth) & (metres <= config.max_depth)
+    if not valid.any():
+        raise InputError(
+            "depth",
+            f"no pixel has a depth within {config.min_depth}..{config.max_depth} m "
+            f"(check depth_scale; got {frame.depth_scale})",
+        )
+
+
+def _check_points(points, limits: Limits) -> None:
+    if not isinstance(points, np.ndarray):
+        raise InputError("points", f"expected a numpy array, got {type(points).__name__}")
+    if points.dtype not in (np.float32, np.float64):
+        raise InputError("points", f"dtype must be float32, got {points.dtype}")
+    if points.ndim != 2 or points.shape[1] not in (3, 6):
+        raise InputError("points", f"shape must be N×3 (xyz) or N×6 (xyz+rgb), got {tuple(points.shape)}")
+    if not 1 <= len(points) <= limits.max_points:
+        raise InputError("points", f"count must be within 1..{limits.max_points}, got {len(points)}")
+    if not np.isfinite(points).all():
+        raise InputError("points", "must hold finite numbers")
+    if points.shape[1] == 6 and (points[:, 3:].min() < 0 or points[:, 3:].max() > 255):
+        raise InputError("points", "rgb columns must lie in 0..255")
+
+
+def _check_options(options: EncodeOptions, limits: Limits) -> None:
+    if options.max_points is not None and not 1 <= options.max_points <= limits.max_points:
+        raise InputError(
+            "options.max_points", f"must be within 1..{limits.max_points}, got {options.max_points}"
+        )
+    tau = options.occlusion_tau
+    if tau is not None and (not math.isfinite(tau) or tau < 0):
+        raise InputError("options.occlusion_tau", f"must be a finite number ≥ 0, got {tau}")
