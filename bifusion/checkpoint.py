@@ -7,6 +7,7 @@ with ``torch.load(weights_only=True)`` by the importers.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .errors import CheckpointError
 
 FORMAT_NAME = "bifusion"
 FORMAT_VERSION = "1"
+METADATA_KEY = "bifusion"
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,10 @@ def save_checkpoint(path: str | Path, config: ModelConfig, state_dict: Mapping[s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_json()}
+    # One metadata key: safetensors writes several in a per-process random order, and
+    # the file's sha256 must depend on its contents only.
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -49,19 +54,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            raw = (f.metadata() or {}).get(METADATA_KEY, "{}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a safetensors file: {exc}") from exc
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{path} is not a BiFusion checkpoint (metadata format={metadata.get('format')!r})"
-        )
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has unreadable BiFusion metadata: {exc}") from exc
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a BiFusion checkpoint (no '{METADATA_KEY}' metadata)")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {metadata.get('format_version')!r}; this build reads {FORMAT_VERSION}"
         )
-    config = ModelConfig.from_json(metadata.get("config", "{}"))
+    config = ModelConfig.from_dict(metadata.get("config") or {})
     return Checkpoint(config=config, state_dict=tensors, sha256=file_sha256(path), path=path)
 
 

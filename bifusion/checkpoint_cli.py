@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="activation of the CLIP tower: quick_gelu for OpenAI weights, gelu for LAION/DataComp",
         )
 
-    p = sub.add_parser("init", help="deterministic random-init demo checkpoint, optionally with imported towers")
+    p = sub.add_parser(
+        "init", help="deterministic random-init demo checkpoint, optionally with imported towers"
+    )
     p.add_argument("output", type=Path)
     p.add_argument("--seed", type=int, default=DEMO_SEED)
     p.add_argument("--clip-weights", type=Path, help="open_clip ViT-B/16 weights (.safetensors/.bin/.pt)")
