@@ -1,0 +1,115 @@
+"""``BiFusionClient``: the encoder service from Python, with numpy in and out (no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire import encoder_pb2_grpc
+
+from .request import build_request
+from .result import EncodeResult
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+FIELD_METADATA_KEY = "bifusion-field"
+
+
+def error_field(error: grpc.RpcError) -> str | None:
+    """The request field an INVALID_ARGUMENT names (from the trailing metadata), if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == FIELD_METADATA_KEY:
+            return value
+    return None
+
+
+class BiFusionClient:
+    """A channel to one server. Use as a context manager, or call :meth:`close`.
+
+    TLS is on when ``tls_ca`` (the CA that signed the server's certificate; PEM path) or a
+    client certificate is given, or ``tls=True`` (system roots). ``tls_cert``/``tls_key`` present
+    a client certificate (mTLS). ``token`` goes as ``authorization: Bearer <token>``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        tls_ca: str | Path | None = None,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
+        tls: bool = False,
+        timeout: float | None = None,
+    ):
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls or tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
+            )
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = encoder_pb2_grpc.BiFusionEncoderStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def encode_frame(self, color, depth=None, intrinsics=None, cam_to_world=None, *, timeout=None, **kwargs):
+        """Encode one frame; arguments as :func:`client.request.build_request`. Returns EncodeResult."""
+        if intrinsics is None:
+            raise ValueError("intrinsics (fx, fy, cx, cy) are required")
+        request = build_request(color, depth, intrinsics, cam_to_world=cam_to_world, **kwargs)
+        return self.encode_request(request, timeout=timeout)
+
+    def encode_request(self, request: pb.EncodeFrameRequest, timeout: float | None = None) -> EncodeResult:
+        response = self._stub.EncodeFrame(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return EncodeResult.from_response(response)
+
+    def encode_stream(
+        self, frames: Iterable[pb.EncodeFrameRequest | Mapping], timeout: float | None = None
+    ) -> Iterator[EncodeResult]:
+        """Encode a stream of frames (requests, or keyword mappings for ``build_request``); yields
+        results in order as they arrive. The first bad frame raises ``grpc.RpcError`` naming it."""
+
+        def requests():
+            for frame in frames:
+                yield frame if isinstance(frame, pb.EncodeFrameRequest) else build_request(**frame)
+
+        responses = self._stub.EncodeStream(
+            requests(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        for response in responses:
+            yield EncodeResult.from_response(response)
+
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        return self._stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BiFusionClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None

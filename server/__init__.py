@@ -1,0 +1,1 @@
+"""gRPC serving of the BiFusion encoder: wire <-> frames, batching, guards and metrics."""

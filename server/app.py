@@ -1,0 +1,239 @@
+"""The server's life: bind, load and warm up, serve, drain.
+
+Health reports NOT_SERVING from the moment the port opens until the model is loaded and
+warmed up, and again from the start of a drain, so probes and load balancers never send
+work to a replica that cannot take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bifusion import BiFusionEncoder
+from bifusion_wire import SERVICE_NAME
+from bifusion_wire import encoder_pb2 as pb
+
+from .auth import BearerTokenInterceptor
+from .batcher import DynamicBatcher
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .respond import model_info_message
+from .service import Attached, EncoderService
+from .warmup import synthetic_frames
+
+log = logging.getLogger("bifusion.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_NAMES = ("", SERVICE_NAME)  # overall and per service
+STOP_GRACE_SECONDS = 1.0
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("bifusion-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class BiFusionServer:
+    """One gRPC server with its model, batcher, health, reflection and metrics endpoint.
+
+    ``encoder_factory`` builds the encoder (on the model thread); tests pass one that reuses
+    a loaded encoder.
+    """
+
+    def __init__(self, config: ServerConfig, encoder_factory: Callable[[], BiFusionEncoder] | None = None):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self._encoder_factory = encoder_factory or functools.partial(
+            BiFusionEncoder, checkpoint=config.checkpoint, device=config.device, amp=config.amp
+        )
+        # One model thread: torch work is serialised there and never blocks the event loop.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="bifusion-model")
+        self._io_pool = ThreadPoolExecutor(
+            max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="bifusion-io"
+        )
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.encoder: BiFusionEncoder | None = None
+        self.batcher: DynamicBatcher | None = None
+        self._service: EncoderService | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._metrics_http = None
+        self._loading: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Open the ports (health NOT_SERVING) and begin loading the model in the background."""
+        config = self.config
+        log.info("effective config: %s", json.dumps(config.redacted(), sort_keys=True))
+        token = config.bearer_token()
+        if config.metrics_port:
+            self._metrics_http = self.metrics.serve_http(config.host, config.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
+            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+        self._service = EncoderService(
+            self.metrics, self._io_pool, config.max_message_bytes, stream_window=config.max_batch_size
+        )
+        self._health = health.aio.HealthServicer()
+        for name in HEALTH_NAMES:
+            await self._health.set(name, NOT_SERVING)
+
+        interceptors = []
+        if token:
+            interceptors.append(BearerTokenInterceptor(token, on_reject=self._count_rejected))
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=self._channel_options())
+        self._grpc.add_generic_rpc_handlers((self._service.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        # Reflection serves the descriptors the generated module registered.
+        encoder_service = pb.DESCRIPTOR.services_by_name["BiFusionEncoder"].full_name
+        reflection.enable_server_reflection(
+            (encoder_service, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        self.port = self._bind()
+        await self._grpc.start()
+        log.info(
+            "listening on %s:%d (%s%s)",
+            config.host,
+            self.port,
+            "TLS" if config.tls else "plaintext",
+            ", mTLS" if config.tls_client_ca else "",
+        )
+        self._loading = asyncio.create_task(self._load_and_warm_up(), name="bifusion-load")
+
+    async def wait_ready(self) -> None:
+        """Returns once SERVING; raises what loading or warm-up raised."""
+        await asyncio.shield(self._loading)
+
+    async def drain(self) -> None:
+        """SIGTERM: NOT_SERVING, refuse new work, let in-flight requests finish, then stop."""
+        started = time.monotonic()
+        log.info("draining: %d requests in flight", self._service.inflight if self._service else 0)
+        await self._health.enter_graceful_shutdown()
+        self.metrics.ready.set(0)
+        self._service.start_draining()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        try:
+            await asyncio.wait_for(self._service.wait_idle(), self.config.drain_seconds)
+        except TimeoutError:
+            log.warning(
+                "drain: %d requests still in flight after %.0f s; cancelling them",
+                self._service.inflight,
+                self.config.drain_seconds,
+            )
+        await self.stop()
+        log.info("drained and stopped in %.2f s", time.monotonic() - started)
+
+    async def stop(self) -> None:
+        """Stop at once: open calls get a short grace, then are cancelled."""
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(STOP_GRACE_SECONDS)
+        if self.batcher is not None:
+            await self.batcher.close(timeout=STOP_GRACE_SECONDS)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _load_and_warm_up(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        encoder = await loop.run_in_executor(self._model_thread, self._encoder_factory)
+        info = encoder.info
+        log.info(
+            "loaded %s from %s (sha256 %s) on %s in %.1f s%s",
+            info.architecture,
+            info.checkpoint_path,
+            info.checkpoint_sha256[:12],
+            info.device,
+            time.monotonic() - started,
+            " — DEMO WEIGHTS, features are not meaningful" if info.demo_weights else "",
+        )
+        self.metrics.set_model_info(
+            info.architecture, info.checkpoint_sha256, info.device, info.demo_weights, info.amp
+        )
+        if config.warmup_frames:
+            started = time.monotonic()
+            frames = synthetic_frames(config.warmup_frames)
+            await loop.run_in_executor(self._model_thread, encoder.encode, frames)
+            log.info("warm-up: %d synthetic frames in %.2f s", len(frames), time.monotonic() - started)
+        self.encoder = encoder
+        self.batcher = DynamicBatcher(
+            _model_call(encoder, self.metrics),
+            self._model_thread,
+            self.metrics,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_batch_delay_ms / 1000.0,
+            max_queue=config.max_queue,
+        )
+        self.batcher.start()
+        info_message = model_info_message(
+            info, config.max_batch_size, config.max_queue, config.max_message_bytes, server_version()
+        )
+        self._service.attach(Attached(encoder, self.batcher, info_message.SerializeToString()))
+        for name in HEALTH_NAMES:
+            await self._health.set(name, SERVING)
+        self.metrics.ready.set(1)
+        log.info("SERVING")
+
+    def _channel_options(self) -> list[tuple[str, int]]:
+        limit = self.config.max_message_bytes
+        return [
+            ("grpc.max_send_message_length", limit),
+            # Up to twice the limit is read so the service can say which field is too big
+            # (INVALID_ARGUMENT); beyond that gRPC refuses with RESOURCE_EXHAUSTED unread.
+            ("grpc.max_receive_message_length", 2 * limit),
+            # A second server on a taken port must fail, not share it.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def _bind(self) -> int:
+        config = self.config
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        address = f"{host}:{config.port}"
+        if not config.tls:
+            return self._grpc.add_insecure_port(address)
+        key = Path(config.tls_key).read_bytes()
+        cert = Path(config.tls_cert).read_bytes()
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+        return self._grpc.add_secure_port(address, credentials)
+
+    def _count_rejected(self, rpc: str) -> None:
+        self.metrics.observe_request(rpc, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+
+def _model_call(encoder: BiFusionEncoder, metrics: ServerMetrics):
+    """The batcher's model call: encode a validated batch, then record CUDA memory."""
+    cuda = encoder.device.type == "cuda"
+
+    def encode(frames, options):
+        results = encoder.encode(frames, options, validate=False)
+        if cuda:
+            import torch
+
+            metrics.gpu_allocated.set(torch.cuda.memory_allocated(encoder.device))
+            metrics.gpu_reserved.set(torch.cuda.memory_reserved(encoder.device))
+        return results
+
+    return encode

@@ -1,0 +1,169 @@
+"""Server configuration: command-line flags, each also settable as ``BIFUSION_<FLAG>`` (the flag wins)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1024 * 1024
+ENV_PREFIX = "BIFUSION_"
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    checkpoint: str | None = None  # None: the embedded demo checkpoint
+    device: str = "auto"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9100  # 0 disables the metrics endpoint
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 64
+    max_message_bytes: int = 64 * MIB
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: clients must present a certificate it signed (mTLS)
+    token: str | None = None
+    token_file: str | None = None
+    amp: bool = False
+    warmup_frames: int = 1
+    drain_seconds: float = 30.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not DEVICE_PATTERN.match(self.device):
+            problems.append(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"--{_flag(name)} must be within 0..65535")
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{_flag(name)} must be ≥ 1")
+        for name in ("max_batch_delay_ms", "warmup_frames", "drain_seconds"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{_flag(name)} must be ≥ 0")
+        if self.max_message_bytes < MIB:
+            problems.append("--max-message-bytes must be at least 1 MiB")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if self.token and self.token_file:
+            problems.append("give --token or --token-file, not both")
+        if self.log_level.upper() not in LOG_LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def bearer_token(self) -> str | None:
+        """The token clients must send, read from ``token_file`` when that is how it was given."""
+        if self.token_file:
+            token = Path(self.token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"--token-file {self.token_file} is empty")
+            return token
+        return self.token or None
+
+    def redacted(self) -> dict[str, object]:
+        """The effective config for the log: the token itself never appears."""
+        values = dataclasses.asdict(self)
+        values["token"] = "<set>" if self.token else None
+        return values
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+HELP = {
+    "checkpoint": "checkpoint file (.safetensors); default: the embedded random-init demo checkpoint",
+    "device": "auto, cpu, cuda or cuda:N",
+    "host": "address to listen on",
+    "port": "gRPC port (0 picks a free one, logged at start)",
+    "metrics_port": "Prometheus /metrics port; 0 disables it",
+    "max_batch_size": "most frames per model call",
+    "max_batch_delay_ms": "longest wait for more frames once a batch has one",
+    "max_queue": "most frames waiting for the model; beyond it requests get RESOURCE_EXHAUSTED",
+    "max_message_bytes": "largest request or response message, bytes",
+    "tls_cert": "PEM server certificate (enables TLS)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    "token": "bearer token the encoder RPCs require ('authorization: Bearer <token>' metadata)",
+    "token_file": "file holding the bearer token",
+    "amp": "fp16 autocast on CUDA",
+    "warmup_frames": "synthetic frames run through the model before reporting SERVING (0 skips)",
+    "drain_seconds": "on SIGTERM, how long in-flight requests may take to finish",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bifusion-server",
+        description="BiFusion encoder gRPC service. Every flag can also be set as BIFUSION_<FLAG> "
+        "(e.g. BIFUSION_MAX_BATCH_SIZE=4); the flag wins.",
+    )
+    defaults = ServerConfig()
+    for field in dataclasses.fields(ServerConfig):
+        name = field.name
+        default = getattr(defaults, name)
+        kind = type(default) if default is not None else str
+        help_text = f"{HELP[name]} [env {env_name(name)}]"
+        if kind is bool:
+            parser.add_argument(f"--{_flag(name)}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(f"--{_flag(name)}", type=kind, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags over ``BIFUSION_*`` environment variables over the defaults."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    values = {}
+    defaults = ServerConfig()
+    for field in dataclasses.fields(ServerConfig):
+        name = field.name
+        if args[name] is not None:
+            values[name] = args[name]
+            continue
+        raw = env.get(env_name(name))
+        if raw is None or raw == "":
+            continue
+        default = getattr(defaults, name)
+        kind = type(default) if default is not None else str
+        try:
+            values[name] = _parse_bool(raw) if kind is bool else kind(raw)
+        except ValueError as exc:
+            parser.error(f"{env_name(name)}={raw!r}: {exc}")
+    try:
+        config = ServerConfig(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return dataclasses.replace(config, log_level=config.log_level.upper())
