@@ -80,8 +80,15 @@ PY
 }
 
 install_project() {
+  # Reinstall only when the project's metadata changed since the last install.
+  local stamp="$VENV/.bifusion-project-stamp" want
+  want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import bifusion, server, client" 2>/dev/null; then
+    return
+  fi
   log "installing the project"
   pip install -q -e "$ROOT[dev]"
+  echo "$want" >"$stamp"
 }
 
 install_apt_packages

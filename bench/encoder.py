@@ -1,0 +1,96 @@
+"""Batched encoder vs a per-frame loop of the same encoder, on the real TUM frames.
+
+Prints JSON: frames/s and per-stage ms at each batch size, the loop's frames/s and the
+speed-up, measured interleaved in one run so machine noise hits both alike.
+
+    python bench/encoder.py [--batch-sizes 1 4 8] [--repeats 3] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe  # noqa: E402
+from bifusion import BiFusionEncoder, EncodeOptions, Frame, Intrinsics  # noqa: E402
+from client.frames_folder import load_frames_folder  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tum_fr1_xyz"
+
+
+def real_frames(folder: Path) -> list[Frame]:
+    return [
+        Frame(
+            color=f.color,
+            depth=f.depth,
+            depth_scale=f.depth_scale,
+            intrinsics=Intrinsics(**f.intrinsics),
+            cam_to_world=f.cam_to_world,
+            frame_id=f.frame_id,
+        )
+        for f in load_frames_folder(folder)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--points", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    encoder = BiFusionEncoder(args.checkpoint, device=args.device, amp=args.amp)
+    frames = real_frames(args.data)
+    options = EncodeOptions(max_points=args.points)
+    encoder.encode(frames[:2], options)  # warm-up: allocator, MinkowskiEngine kernels
+
+    rows = []
+    for batch_size in args.batch_sizes:
+        batch = [frames[i % len(frames)] for i in range(batch_size)]
+        batched_s, loop_s, stages = [], [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            results = encoder.encode(batch, options)
+            batched_s.append(time.perf_counter() - start)
+            stages.append(results[0].timings_ms)
+            start = time.perf_counter()
+            for frame in batch:
+                encoder.encode([frame], options)
+            loop_s.append(time.perf_counter() - start)
+        batched, loop = statistics.median(batched_s), statistics.median(loop_s)
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "points_per_frame": results[0].stats.num_points,
+                "batched_frames_per_s": round(batch_size / batched, 3),
+                "batched_ms_per_batch": round(batched * 1000, 1),
+                "loop_frames_per_s": round(batch_size / loop, 3),
+                "speedup_vs_loop": round(loop / batched, 3),
+                "stage_ms": {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]},
+            }
+        )
+    report = {
+        "benchmark": "encoder",
+        "machine": describe(str(encoder.device)),
+        "amp": encoder.amp,
+        "demo_weights": encoder.info.demo_weights,
+        "repeats": args.repeats,
+        "data": str(args.data),
+        "results": rows,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
