@@ -64,7 +64,8 @@ def test_vendored_schema_is_the_one_compose_embeds():
 
 
 @pytest.mark.parametrize(
-    "files", [("compose.yaml",), ("compose.yaml", "compose.cpu.yaml"), ("compose.yaml", "compose.multi-gpu.yaml")]
+    "files",
+    [("compose.yaml",), ("compose.yaml", "compose.cpu.yaml"), ("compose.yaml", "compose.multi-gpu.yaml")],
 )
 def test_docker_compose_accepts_and_merges(files):
     merged = compose_config(*files)
