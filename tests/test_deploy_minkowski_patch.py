@@ -115,5 +115,5 @@ def test_refuses_a_tree_it_does_not_recognise(source_tree, tmp_path):
 def test_refuses_a_changed_anchor(source_tree):
     functors = source_tree / "src" / "coordinate_map_functors.cuh"
     functors.write_text(functors.read_text().replace("struct find_coordinate\n", "struct find_coordinates\n"))
-    with pytest.raises(patcher.PatchError, match="coordinate_map_functors.cuh"):
+    with pytest.raises(patcher.PatchError, match=r"coordinate_map_functors\.cuh"):
         patcher.patch_tree(source_tree)
