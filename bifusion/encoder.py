@@ -173,13 +173,24 @@ class BiFusionEncoder:
             - geo.segment_offsets(batch.client_counts)[client_frame]
         )
 
-        frame = torch.cat((depth_frame, client_frame))
-        order = torch.argsort(frame, stable=True)
-        batch_index = frame[order]
-        xyz = torch.cat((depth_xyz, batch.client_points[:, :3]))[order]
-        point_index = torch.cat((local, client_index))[order]
-        nan_rgb = torch.full_like(depth_xyz, float("nan"))
-        rgb = torch.cat((nan_rgb, batch.client_points[:, 3:]))[order]
+        # Frame by frame, depth points then client points (a frame has one or the
+        # other): scatter each to its slot instead of sorting.
+        kept = torch.minimum(counts, batch.max_points)
+        per_frame = kept + batch.client_counts
+        starts = geo.segment_offsets(per_frame)
+        depth_rank = torch.arange(len(pixels), device=batch.device) - geo.segment_offsets(kept)[depth_frame]
+        slot = torch.cat((starts[depth_frame] + depth_rank, starts[client_frame] + client_index))
+
+        def place(*parts: torch.Tensor) -> torch.Tensor:
+            joined = torch.cat(parts)
+            out = torch.empty_like(joined)
+            out[slot] = joined
+            return out
+
+        batch_index = place(depth_frame, client_frame)
+        xyz = place(depth_xyz, batch.client_points[:, :3])
+        point_index = place(local, client_index)
+        rgb = place(torch.full_like(depth_xyz, float("nan")), batch.client_points[:, 3:])
 
         width, height = batch.widths[batch_index], batch.heights[batch_index]
         u, v = geo.project(xyz, batch.intrinsics[batch_index])
@@ -205,7 +216,7 @@ class BiFusionEncoder:
             rgb=rgb,
             batch_index=batch_index,
             point_index=point_index,
-            counts=torch.bincount(batch_index, minlength=batch.num_frames),
+            counts=per_frame,
             u=u,
             v=v,
             valid=valid,
