@@ -1,0 +1,202 @@
+"""Live encoder servers on free loopback ports, for any test that needs one.
+
+- ``running_server(encoder, **config)``: a ``BiFusionServer`` in this process (its event loop
+  on a background thread), sharing an already loaded encoder; fast, and its internals
+  (``live.server.batcher``, ``live.server.metrics``) can be inspected.
+- ``server_process(*flags)``: ``python -m server`` as a child process, for signals, exit codes,
+  logs and anything that must see the real entry point.
+
+Both yield a ``LiveServer`` with ``address`` ("127.0.0.1:PORT", gRPC) and ``metrics_address``
+("127.0.0.1:PORT"); ``live.metric(name, **labels)`` reads one sample from its /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+MetricKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+class _LoopThread:
+    """One asyncio loop on a daemon thread, shared by every in-process server of the session
+    (gRPC's asyncio support is happiest with a single loop per process)."""
+
+    _instance: _LoopThread | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def run(self, coro, timeout: float | None = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@dataclasses.dataclass
+class LiveServer:
+    address: str
+    metrics_address: str | None
+    server: object | None = None  # the BiFusionServer, in-process only
+    process: subprocess.Popen | None = None  # the child, subprocess only
+    log_path: Path | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics"
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            return response.read().decode()
+
+    def metrics(self) -> dict[MetricKey, float]:
+        """Every sample of /metrics as ``{(name, sorted label pairs): value}``."""
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(self.metrics_text())
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get((name, tuple(sorted(labels.items()))))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        if self.server is not None:
+            _LoopThread.get().run(self.server.wait_ready(), timeout)
+        else:
+            wait_for_health(self.address, "SERVING", timeout, process=self.process, log_path=self.log_path)
+
+
+def health_status(address: str, service: str = "", credentials=None, timeout: float = 2.0) -> str:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def wait_for_health(
+    address: str,
+    want: str,
+    timeout: float = 240,
+    process=None,
+    log_path: Path | None = None,
+    credentials=None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            log = log_path.read_text(errors="replace") if log_path else ""
+            raise RuntimeError(f"server exited with {process.returncode} before {want}:\n{log}")
+        try:
+            last = health_status(address, credentials=credentials)
+            if last == want:
+                return
+        except grpc.RpcError as exc:
+            last = exc.code().name
+        time.sleep(0.1)
+    raise TimeoutError(f"health of {address} did not become {want} in {timeout} s (last: {last})")
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "a condition", interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def running_server(encoder=None, wait_ready: bool = True, **config) -> Iterator[LiveServer]:
+    """A server in this process on free ports. ``encoder`` (a loaded BiFusionEncoder, or any
+    object with its interface) is reused instead of loading a checkpoint; ``config`` overrides
+    ServerConfig fields (warm-up is off unless asked for: the shared encoder is already warm)."""
+    from server.app import BiFusionServer
+    from server.config import ServerConfig
+
+    config = {"host": LOOPBACK, "port": 0, "metrics_port": free_port(), "warmup_frames": 0, **config}
+    factory = (lambda: encoder) if encoder is not None else None
+    server = BiFusionServer(ServerConfig(**config), encoder_factory=factory)
+    loop = _LoopThread.get()
+    loop.run(server.start())
+    live = LiveServer(
+        address=f"{LOOPBACK}:{server.port}",
+        metrics_address=f"{LOOPBACK}:{server.metrics_port}" if server.metrics_port else None,
+        server=server,
+    )
+    try:
+        if wait_ready:
+            live.wait_ready()
+        yield live
+    finally:
+        loop.run(server.stop())
+
+
+@contextlib.contextmanager
+def server_process(
+    *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True
+) -> Iterator[LiveServer]:
+    """``python -m server`` on free ports with ``flags``; SIGTERM (then SIGKILL) at exit."""
+    port, metrics_port = free_port(), free_port()
+    with tempfile.NamedTemporaryFile(prefix="bifusion-server-", suffix=".log", delete=False) as log_file:
+        command = [
+            sys.executable, "-m", "server",
+            "--host", LOOPBACK, "--port", str(port), "--metrics-port", str(metrics_port), *flags,
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        live = LiveServer(
+            address=f"{LOOPBACK}:{port}",
+            metrics_address=f"{LOOPBACK}:{metrics_port}",
+            process=process,
+            log_path=Path(log_file.name),
+        )
+        try:
+            if wait_ready:
+                live.wait_ready()
+            yield live
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
