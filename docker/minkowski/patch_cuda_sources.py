@@ -9,8 +9,14 @@ all fixed here without changing what the library computes:
 2. The bundled cuDF NVTX header declares ``nvtx3::`` types that collide with the NVTX3
    headers Thrust/CUB now include ("ambiguous domain/category"). It only wraps one
    function in a profiler range, so that range becomes a no-op and the header is dropped.
-3. CCCL 3 (CUDA 13) removed ``thrust::unary_function``; the one functor deriving from it
-   needs no base class (nothing reads its ``argument_type``/``result_type``).
+3. CUDA 13 / CCCL 3:
+   - ``thrust::unary_function`` is gone; the one functor deriving from it needs no base
+     class (nothing reads its ``argument_type``/``result_type``);
+   - ``cudaMemPrefetchAsync`` takes a ``cudaMemLocation`` and flags instead of a device
+     ordinal: the cuDF hash map calls a small wrapper that picks the right form;
+   - converting the hash map's ``unique_ptr`` to ``shared_ptr`` makes libstdc++'s unqualified
+     ``__to_address`` ambiguous with libcu++'s (its type names ``cuda::std::pair``), so the
+     map's factory returns the ``shared_ptr`` (same deleter) directly.
 
 Idempotent: running it twice changes nothing more. Fails loudly when a file or an
 anchor it expects is missing, so a different MinkowskiEngine version cannot be patched
@@ -22,6 +28,7 @@ Usage: python patch_cuda_sources.py PATH/TO/MinkowskiEngine-0.5.4
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -61,10 +68,49 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
         "#ifndef CUDF_FUNC_RANGE\n#define CUDF_FUNC_RANGE()\n#endif\n",
     ),
     (
+        "3rdparty/concurrent_unordered_map.cuh",
+        "    return std::unique_ptr<Self, std::function<void(Self*)>>{\n"
+        "      new Self(capacity, unused_element, unused_key, hash_function, equal, allocator, stream),\n"
+        "      deleter};\n",
+        "    return std::shared_ptr<Self>(\n"
+        "      new Self(capacity, unused_element, unused_key, hash_function, equal, allocator, stream),\n"
+        "      deleter);\n",
+    ),
+    (
+        "3rdparty/concurrent_unordered_map.cuh",
+        "#include <cudf/detail/utilities/device_atomics.cuh>\n",
+        "#include <cudf/detail/utilities/device_atomics.cuh>\n"
+        "\n"
+        "// CUDA 13 prefetches to a cudaMemLocation (with flags) instead of a device ordinal.\n"
+        "static inline cudaError_t me_prefetch_to_device(const void* ptr, size_t bytes, int device,\n"
+        "                                                cudaStream_t stream) {\n"
+        "#if CUDART_VERSION >= 13000\n"
+        "  cudaMemLocation location{};\n"
+        "  location.type = cudaMemLocationTypeDevice;\n"
+        "  location.id = device;\n"
+        "  return cudaMemPrefetchAsync(ptr, bytes, location, 0, stream);\n"
+        "#else\n"
+        "  return cudaMemPrefetchAsync(ptr, bytes, device, stream);\n"
+        "#endif\n"
+        "}\n",
+    ),
+    (
         "coordinate_map_functors.cuh",
         "struct find_coordinate\n    : public thrust::unary_function<uint32_t,\n"
         "                                    thrust::pair<uint32_t, uint32_t>> {\n",
         "struct find_coordinate {\n",
+    ),
+]
+
+
+# (file, call pattern, replacement, how many calls the release has): every call is
+# rewritten. The wrapper's own calls (``return cudaMemPrefetchAsync(``) are not matched.
+CALL_RENAMES: list[tuple[str, str, str, int]] = [
+    (
+        "3rdparty/concurrent_unordered_map.cuh",
+        r"(?<!return )\bcudaMemPrefetchAsync\(",
+        "me_prefetch_to_device(",
+        3,
     ),
 ]
 
@@ -90,11 +136,20 @@ def add_includes(text: str, headers: list[str]) -> str:
 
 
 def replace_once(text: str, old: str, new: str) -> str:
-    if new in text and old not in text:
-        return text  # already patched
+    if new in text:
+        return text  # already patched (``new`` may contain ``old`` when it only adds lines)
     if text.count(old) != 1:
         raise PatchError(f"expected exactly one occurrence of {old.splitlines()[0]!r}")
     return text.replace(old, new)
+
+
+def rename_calls(text: str, pattern: str, new: str, expected: int) -> str:
+    found = len(re.findall(pattern, text))
+    if found == 0 and new in text:
+        return text  # already patched
+    if found != expected:
+        raise PatchError(f"expected {expected} calls matching {pattern!r}, found {found}")
+    return re.sub(pattern, new, text)
 
 
 def patch_tree(root: Path) -> list[str]:
@@ -112,16 +167,19 @@ def patch_tree(root: Path) -> list[str]:
             new_text[name] = path.read_text()
         return new_text[name]
 
+    def apply(name: str, change) -> None:
+        try:
+            new_text[name] = change(current(name))
+        except PatchError as err:
+            raise PatchError(f"src/{name}: {err}") from None
+
+    # Renames first: the wrapper inserted below calls the original function itself.
+    for name, pattern, new, expected in CALL_RENAMES:
+        apply(name, lambda text, p=pattern, n=new, e=expected: rename_calls(text, p, n, e))
     for name, old, new in REPLACEMENTS:
-        try:
-            new_text[name] = replace_once(current(name), old, new)
-        except PatchError as err:
-            raise PatchError(f"src/{name}: {err}") from None
+        apply(name, lambda text, o=old, n=new: replace_once(text, o, n))
     for name, headers in MISSING_INCLUDES.items():
-        try:
-            new_text[name] = add_includes(current(name), headers)
-        except PatchError as err:
-            raise PatchError(f"src/{name}: {err}") from None
+        apply(name, lambda text, h=headers: add_includes(text, h))
 
     changed = []
     for name, text in new_text.items():
