@@ -140,11 +140,12 @@ def _open_image(field: str, data: bytes, expected: str, width: int, height: int)
     if image.format != expected:
         raise FieldError(f"{field}.encoding", f"says {expected} but the data is {image.format}")
     if image.size != (width, height):
-        names = ("width", "height")
-        wrong = names[0] if image.size[0] != width else names[1]
+        # The colour image defines the frame, so a mismatch there is blamed on the declared
+        # size; depth must be registered to colour, so a mismatch there is the depth's.
+        wrong = "width" if image.size[0] != width else "height"
         raise FieldError(
-            f"intrinsics.{wrong}",
-            f"says {width}×{height} but the {field} image is {image.size[0]}×{image.size[1]}",
+            f"intrinsics.{wrong}" if field == "color" else field,
+            f"the {field} image is {image.size[0]}×{image.size[1]} but intrinsics say {width}×{height}",
         )
     return image
 

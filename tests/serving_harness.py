@@ -200,3 +200,31 @@ def server_process(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+class ModelSpy:
+    """Wraps an encoder: records the frame ids every model call sees, can hold calls at a
+    gate (to keep the model busy on purpose) and can fail batches holding a given frame id."""
+
+    def __init__(self, encoder, fail_on: str | None = None):
+        self._encoder = encoder
+        self.fail_on = fail_on
+        self.seen: list[str] = []
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # set when a call reaches the gate
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
+
+    def encode(self, frames, options=None, validate=True):
+        ids = [f.frame_id for f in frames]
+        self.seen.extend(ids)
+        self.batches.append(ids)
+        self.entered.set()
+        if not self.gate.wait(timeout=120):
+            raise TimeoutError("the test never opened the gate")
+        if self.fail_on is not None and self.fail_on in ids:
+            raise RuntimeError(f"injected failure for {self.fail_on}")
+        return self._encoder.encode(frames, options, validate=validate)
