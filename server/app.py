@@ -75,6 +75,7 @@ class BiFusionServer:
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         """Open the ports (health NOT_SERVING) and begin loading the model in the background."""
@@ -140,6 +141,9 @@ class BiFusionServer:
 
     async def stop(self) -> None:
         """Stop at once: open calls get a short grace, then are cancelled."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self._grpc is not None:

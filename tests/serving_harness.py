@@ -89,6 +89,10 @@ class LiveServer:
     def metric(self, name: str, **labels: str) -> float | None:
         return self.metrics().get((name, tuple(sorted(labels.items()))))
 
+    def start_drain(self):
+        """Begin the SIGTERM drain of an in-process server; returns a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(self.server.drain(), _LoopThread.get().loop)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 

@@ -1,0 +1,156 @@
+"""Start-up, health, reflection and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
+from serving_harness import (
+    ModelSpy,
+    health_status,
+    running_server,
+    server_process,
+    wait_for_health,
+    wait_until,
+)
+
+from bifusion import EncodeOptions
+from bifusion_wire import SERVICE_NAME
+from client.api import BiFusionClient
+from client.request import request_from_folder_frame
+
+HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+def test_health_reports_serving_only_after_warm_up(encoder, tum_folder_frames):
+    spy = ModelSpy(encoder)
+    spy.gate.clear()  # hold the warm-up inside the model
+    try:
+        with running_server(spy, warmup_frames=1, wait_ready=False) as live:
+            assert spy.entered.wait(30)
+            for name in HEALTH_NAMES:
+                assert health_status(live.address, name) == "NOT_SERVING"
+            assert live.metric("bifusion_ready") == 0
+            with BiFusionClient(live.address) as client:
+                with pytest.raises(grpc.RpcError) as caught:
+                    client.encode_request(request_from_folder_frame(tum_folder_frames[0], max_points=500))
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "loading" in caught.value.details()
+                spy.gate.set()
+                live.wait_ready()
+                for name in HEALTH_NAMES:
+                    assert health_status(live.address, name) == "SERVING"
+                assert spy.batches[0] == ["warmup-0"]  # the warm-up ran before SERVING
+                assert live.metric("bifusion_ready") == 1
+                result = client.encode_request(
+                    request_from_folder_frame(tum_folder_frames[0], max_points=500)
+                )
+                assert result.num_points == 500
+    finally:
+        spy.gate.set()
+
+
+def test_reflection_lists_the_service_and_a_call_through_it_works(encoder, tum_folder_frames):
+    """Message classes come from the reflected descriptors only, as grpcurl would build them."""
+    frame = tum_folder_frames[0]
+    with running_server(encoder) as live, grpc.insecure_channel(live.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = database.get_services()
+        assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
+        pool = descriptor_pool.DescriptorPool(database)
+        service = pool.FindServiceByName(SERVICE_NAME)
+        method = service.methods_by_name["EncodeFrame"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        assert request_class.DESCRIPTOR.file.pool is pool  # not the generated stubs' pool
+
+        def png(array):
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        request = request_class(
+            frame_id=frame.frame_id,
+            color={"encoding": "PNG", "data": png(frame.color)},
+            depth={"encoding": "PNG16", "data": png(frame.depth), "depth_scale": frame.depth_scale},
+            intrinsics={**frame.intrinsics, "width": 640, "height": 480},
+            cam_to_world=frame.cam_to_world.reshape(-1).tolist(),
+            options={"max_points": 500},
+        )
+        call = channel.unary_unary(
+            f"/{SERVICE_NAME}/{method.name}",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        response = call(request, timeout=60)
+        assert response.frame_id == frame.frame_id
+        assert response.features.dtype == "float32" and list(response.features.shape) == [500, 256]
+        features = np.frombuffer(response.features.data, "<f4").reshape(500, 256)
+        np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_taken_port_fails_to_start(encoder):
+    with running_server(encoder) as live:
+        port = int(live.address.rsplit(":", 1)[1])
+        with pytest.raises(RuntimeError), running_server(encoder, port=port):
+            pass
+
+
+def test_drain_ends_an_idle_stream_promptly(encoder, tum_folder_frames):
+    frame = tum_folder_frames[0]
+    more = threading.Event()
+
+    def frames():
+        yield request_from_folder_frame(frame, max_points=500)
+        more.wait(30)  # an idle camera: the stream stays open
+
+    with running_server(encoder, drain_seconds=30) as live, BiFusionClient(live.address) as client:
+        stream = client.encode_stream(frames(), timeout=60)
+        assert next(stream).frame_id == frame.frame_id
+        started = time.monotonic()
+        drain = live.start_drain()
+        with pytest.raises(grpc.RpcError) as caught:
+            next(stream)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.details()
+        drain.result(30)
+        assert time.monotonic() - started < 10  # it did not wait out drain_seconds
+        more.set()
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(encoder, tum_frames, tum_folder_frames):
+    max_points = 5000
+    expected = {f.frame_id: encoder.encode([f], EncodeOptions(max_points=max_points))[0] for f in tum_frames}
+    with server_process("--max-batch-size", "1", "--warmup-frames", "1", "--drain-seconds", "120") as live:
+        log = live.log_text()
+        assert log.index("warm-up: 1 synthetic frames") < log.index("SERVING")
+        requests = [request_from_folder_frame(f, max_points=max_points) for f in tum_folder_frames] * 2
+        with ThreadPoolExecutor(len(requests)) as pool, BiFusionClient(live.address) as client:
+            futures = [pool.submit(client.encode_request, r, 300) for r in requests]
+            wait_until(
+                lambda: live.metric("bifusion_inflight_requests") == len(requests),
+                what="all requests in flight",
+            )
+            live.process.send_signal(signal.SIGTERM)
+            wait_for_health(live.address, "NOT_SERVING", timeout=10, process=live.process)
+            with pytest.raises(grpc.RpcError) as caught:
+                client.encode_request(requests[0], timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in caught.value.details()
+            results = [f.result() for f in futures]  # none lost
+        for result in results:
+            np.testing.assert_allclose(result.features, expected[result.frame_id].features, rtol=0, atol=1e-4)
+        assert live.process.wait(60) == 0
+        log = live.log_text()
+        assert int(re.search(r"draining: (\d+) requests in flight", log).group(1)) > 0
+        assert "drained and stopped" in log
