@@ -1,0 +1,66 @@
+"""Server flags and their BIFUSION_* environment variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import MIB, ServerConfig, load_config
+
+
+def test_defaults_match_the_documented_interface():
+    config = load_config([], env={})
+    assert config == ServerConfig()
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 50051, 9100)
+    assert (config.max_batch_size, config.max_batch_delay_ms, config.max_queue) == (8, 5.0, 64)
+    assert config.max_message_bytes == 64 * MIB
+    assert (config.warmup_frames, config.drain_seconds, config.log_level) == (1, 30.0, "INFO")
+    assert config.checkpoint is None and config.device == "auto" and config.amp is False
+
+
+def test_environment_sets_and_flags_win():
+    env = {
+        "BIFUSION_MAX_BATCH_SIZE": "4",
+        "BIFUSION_PORT": "6000",
+        "BIFUSION_AMP": "true",
+        "BIFUSION_MAX_BATCH_DELAY_MS": "2.5",
+        "BIFUSION_CHECKPOINT": "/models/a.safetensors",
+        "BIFUSION_LOG_LEVEL": "debug",
+    }
+    config = load_config(["--port", "7000", "--no-amp"], env=env)
+    assert config.port == 7000 and config.amp is False  # flags win
+    assert config.max_batch_size == 4 and config.max_batch_delay_ms == 2.5  # environment fills the rest
+    assert config.checkpoint == "/models/a.safetensors" and config.log_level == "DEBUG"
+
+
+def test_empty_environment_values_are_ignored():
+    assert load_config([], env={"BIFUSION_PORT": ""}).port == 50051
+
+
+@pytest.mark.parametrize(
+    "argv, env, words",
+    [
+        (["--max-batch-size", "0"], {}, "--max-batch-size must be ≥ 1"),
+        ([], {"BIFUSION_MAX_QUEUE": "many"}, "BIFUSION_MAX_QUEUE='many'"),
+        ([], {"BIFUSION_AMP": "perhaps"}, "BIFUSION_AMP='perhaps'"),
+        (["--device", "gpu"], {}, "--device must be auto, cpu, cuda or cuda:N"),
+        (["--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], {}, "needs --tls-cert"),
+        (["--token", "a", "--token-file", "f"], {}, "not both"),
+        (["--max-message-bytes", "1000"], {}, "at least 1 MiB"),
+        (["--port", "70000"], {}, "--port must be within 0..65535"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_message(argv, env, words, capsys):
+    with pytest.raises(SystemExit) as caught:
+        load_config(argv, env=env)
+    assert caught.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_token_never_appears_in_the_logged_config(tmp_path):
+    config = load_config(["--token", "hunter2"], env={})
+    assert "hunter2" not in str(config.redacted())
+    assert config.bearer_token() == "hunter2"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert load_config([], env={"BIFUSION_TOKEN_FILE": str(token_file)}).bearer_token() == "from-file"
