@@ -129,12 +129,14 @@ def test_drain_ends_an_idle_stream_promptly(encoder, tum_folder_frames):
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(encoder, tum_frames, tum_folder_frames):
-    max_points = 5000
+    max_points = 3000
     expected = {f.frame_id: encoder.encode([f], EncodeOptions(max_points=max_points))[0] for f in tum_frames}
     with server_process("--max-batch-size", "1", "--warmup-frames", "1", "--drain-seconds", "120") as live:
         log = live.log_text()
         assert log.index("warm-up: 1 synthetic frames") < log.index("SERVING")
-        requests = [request_from_folder_frame(f, max_points=max_points) for f in tum_folder_frames] * 2
+        # Eight frames at batch size 1 keep the drain busy for seconds on CPU, time enough to
+        # watch health turn NOT_SERVING and a new request bounce while the old ones finish.
+        requests = [request_from_folder_frame(f, max_points=max_points) for f in tum_folder_frames * 2][:8]
         with ThreadPoolExecutor(len(requests)) as pool, BiFusionClient(live.address) as client:
             futures = [pool.submit(client.encode_request, r, 300) for r in requests]
             wait_until(
