@@ -64,11 +64,13 @@ class BiFusionClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
-    def encode_frame(self, color, depth=None, intrinsics=None, cam_to_world=None, *, timeout=None, **kwargs):
-        """Encode one frame; arguments as :func:`client.request.build_request`. Returns EncodeResult."""
-        if intrinsics is None:
-            raise ValueError("intrinsics (fx, fy, cx, cy) are required")
-        request = build_request(color, depth, intrinsics, cam_to_world=cam_to_world, **kwargs)
+    def encode_frame(
+        self, color, depth, intrinsics, cam_to_world=None, *, timeout: float | None = None, **options
+    ) -> EncodeResult:
+        """Encode one frame. ``options`` are those of :func:`client.request.build_request`:
+        depth_scale, points, frame_id, max_points, float16, world_points, occlusion_tau,
+        color_format, depth_format."""
+        request = build_request(color, depth, intrinsics, cam_to_world=cam_to_world, **options)
         return self.encode_request(request, timeout=timeout)
 
     def encode_request(self, request: pb.EncodeFrameRequest, timeout: float | None = None) -> EncodeResult:

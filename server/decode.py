@@ -135,7 +135,7 @@ def _open_image(field: str, data: bytes, expected: str, width: int, height: int)
     """Read only the header: format and size are checked before decoding pixels."""
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise FieldError(field, f"corrupt {expected}: not a readable image ({exc})") from exc
     if image.format != expected:
         raise FieldError(f"{field}.encoding", f"says {expected} but the data is {image.format}")

@@ -6,6 +6,8 @@ known exactly; ``ModelSpy.seen`` proves which frames reached the model.
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import pytest
 from serving_harness import ModelSpy, health_status, running_server, wait_until
@@ -22,20 +24,24 @@ def request(frame, frame_id):
     return req
 
 
-@pytest.fixture
-def spy(encoder):
-    spy = ModelSpy(encoder)
-    yield spy
-    spy.gate.set()  # never leave a model call hanging
+@contextlib.contextmanager
+def model_held_busy(spy, frame, **config):
+    """A live server whose model is stuck on frame "busy" until ``spy.gate`` opens.
+    Yields (live server, stub, the future of "busy")."""
+    spy.gate.clear()
+    try:
+        with running_server(spy, **config) as live, grpc.insecure_channel(live.address) as channel:
+            stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
+            busy = stub.EncodeFrame.future(request(frame, "busy"), timeout=120)
+            assert spy.entered.wait(30)
+            yield live, stub, busy
+    finally:
+        spy.gate.set()  # never leave a model call hanging
 
 
-def test_expired_deadline_never_reaches_the_model(encoder, spy, tum_folder_frames):
-    frame = tum_folder_frames[0]
-    with running_server(spy, max_batch_size=1) as live, grpc.insecure_channel(live.address) as channel:
-        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-        spy.gate.clear()
-        busy = stub.EncodeFrame.future(request(frame, "busy"), timeout=60)
-        assert spy.entered.wait(30)  # the model is now stuck on "busy"
+def test_expired_deadline_never_reaches_the_model(encoder, tum_folder_frames):
+    spy, frame = ModelSpy(encoder), tum_folder_frames[0]
+    with model_held_busy(spy, frame, max_batch_size=1) as (live, stub, busy):
         with pytest.raises(grpc.RpcError) as caught:
             stub.EncodeFrame(request(frame, "late"), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -49,13 +55,9 @@ def test_expired_deadline_never_reaches_the_model(encoder, spy, tum_folder_frame
         assert stub.EncodeFrame(request(frame, "after"), timeout=60).frame_id == "after"
 
 
-def test_cancelled_call_never_reaches_the_model(spy, tum_folder_frames):
-    frame = tum_folder_frames[0]
-    with running_server(spy, max_batch_size=1) as live, grpc.insecure_channel(live.address) as channel:
-        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-        spy.gate.clear()
-        busy = stub.EncodeFrame.future(request(frame, "busy"), timeout=60)
-        assert spy.entered.wait(30)
+def test_cancelled_call_never_reaches_the_model(encoder, tum_folder_frames):
+    spy, frame = ModelSpy(encoder), tum_folder_frames[0]
+    with model_held_busy(spy, frame, max_batch_size=1) as (live, stub, busy):
         doomed = stub.EncodeFrame.future(request(frame, "doomed"), timeout=60)
         wait_until(lambda: live.server.batcher.queued == 1, what="'doomed' to be queued")
         assert doomed.cancel()
@@ -67,16 +69,9 @@ def test_cancelled_call_never_reaches_the_model(spy, tum_folder_frames):
         assert spy.seen == ["busy"]
 
 
-def test_full_queue_is_resource_exhausted_at_once(spy, tum_folder_frames):
-    frame = tum_folder_frames[0]
-    with (
-        running_server(spy, max_batch_size=1, max_queue=2) as live,
-        grpc.insecure_channel(live.address) as channel,
-    ):
-        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-        spy.gate.clear()
-        running = stub.EncodeFrame.future(request(frame, "running"), timeout=120)
-        assert spy.entered.wait(30)
+def test_full_queue_is_resource_exhausted_at_once(encoder, tum_folder_frames):
+    spy, frame = ModelSpy(encoder), tum_folder_frames[0]
+    with model_held_busy(spy, frame, max_batch_size=1, max_queue=2) as (live, stub, busy):
         queued = [stub.EncodeFrame.future(request(frame, f"queued-{i}"), timeout=120) for i in range(2)]
         wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
         assert live.metric("bifusion_queue_depth") == 2
@@ -85,27 +80,19 @@ def test_full_queue_is_resource_exhausted_at_once(spy, tum_folder_frames):
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in caught.value.details()
         spy.gate.set()
-        assert [f.result().frame_id for f in [running, *queued]] == ["running", "queued-0", "queued-1"]
+        assert [f.result().frame_id for f in [busy, *queued]] == ["busy", "queued-0", "queued-1"]
         assert "one too many" not in spy.seen
         assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="RESOURCE_EXHAUSTED") == 1
 
 
 def test_a_failing_batch_fails_only_its_requests(encoder, tum_folder_frames):
-    spy = ModelSpy(encoder, fail_on="explode")
-    frame = tum_folder_frames[0]
-    with (
-        running_server(spy, max_batch_size=4, max_batch_delay_ms=200) as live,
-        grpc.insecure_channel(live.address) as channel,
-    ):
-        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-        spy.gate.clear()
-        first = stub.EncodeFrame.future(request(frame, "first"), timeout=60)
-        assert spy.entered.wait(30)
-        # These two share the next batch (the model is busy while they queue).
+    spy, frame = ModelSpy(encoder, fail_on="explode"), tum_folder_frames[0]
+    with model_held_busy(spy, frame, max_batch_size=4, max_batch_delay_ms=200) as (live, stub, busy):
+        # These two share the next batch: the model is busy while they queue.
         doomed = [stub.EncodeFrame.future(request(frame, name), timeout=60) for name in ("explode", "mate")]
         wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
         spy.gate.set()
-        assert first.result().frame_id == "first"
+        assert busy.result().frame_id == "busy"
         for future in doomed:
             with pytest.raises(grpc.RpcError) as caught:
                 future.result()
