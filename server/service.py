@@ -28,6 +28,7 @@ from .respond import build_response, model_id, response_bytes_bound
 log = logging.getLogger("bifusion.server")
 Code = grpc.StatusCode
 FIELD_METADATA_KEY = "bifusion-field"
+SHUTTING_DOWN = "the server is shutting down; retry on another instance"
 # Encoder field names that differ from the proto's.
 ENCODER_TO_PROTO_FIELD = {"depth_scale": "depth.depth_scale"}
 
@@ -146,7 +147,7 @@ class EncoderService:
     # Steps --------------------------------------------------------------------------
     def _accepting(self) -> Attached:
         if self._draining.is_set():
-            raise ServiceError(Code.UNAVAILABLE, "the server is shutting down; retry on another instance")
+            raise ServiceError(Code.UNAVAILABLE, SHUTTING_DOWN)
         if self._model is None:
             raise ServiceError(Code.UNAVAILABLE, "the model is loading; retry when health reports SERVING")
         return self._model
@@ -214,9 +215,7 @@ class EncoderService:
                 f"the queue is full ({model.batcher.queued} frames waiting); retry with backoff",
             ) from None
         except Closed:
-            raise ServiceError(
-                Code.UNAVAILABLE, "the server is shutting down; retry on another instance"
-            ) from None
+            raise ServiceError(Code.UNAVAILABLE, SHUTTING_DOWN) from None
         except DeadlineExpired:
             raise ServiceError(
                 Code.DEADLINE_EXCEEDED, "the deadline passed before the frame reached the model"
