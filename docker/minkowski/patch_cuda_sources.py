@@ -50,7 +50,9 @@ MISSING_INCLUDES: dict[str, list[str]] = {
     ],
     "kernel_map.cuh": ["thrust/execution_policy.h", "thrust/sort.h", "thrust/copy.h"],
     "storage.cuh": ["thrust/execution_policy.h", "thrust/fill.h"],
-    "spmm.cu": ["thrust/execution_policy.h", "thrust/reduce.h", "thrust/sort.h"],
+    # ATen/core/Tensor.h: torch 2.14's ATen/cuda/CUDAUtils.h needs at::Tensor complete, and
+    # spmm.cu includes it before torch/extension.h.
+    "spmm.cu": ["thrust/execution_policy.h", "thrust/reduce.h", "thrust/sort.h", "ATen/core/Tensor.h"],
     "broadcast_kernel.cu": ["thrust/execution_policy.h", "thrust/fill.h"],
     "pooling_avg_kernel.cu": ["thrust/execution_policy.h", "thrust/reduce.h", "thrust/sort.h"],
     "pooling_max_kernel.cu": ["thrust/execution_policy.h", "thrust/reduce.h", "thrust/sort.h"],
