@@ -144,3 +144,9 @@ def test_referenced_files_exist():
                 if volume["type"] != "bind" or volume["target"] == "/models":
                     continue  # /models is the user's checkpoint folder, created on demand
                 assert os.path.exists(volume["source"]), f"{name}: {volume['source']} missing"
+
+
+def test_deploy_docs_cover_every_server_setting():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    missing = [env_name(f.name) for f in dataclasses.fields(ServerConfig) if env_name(f.name) not in docs]
+    assert not missing, f"docs/deploy.md does not document {missing}"
