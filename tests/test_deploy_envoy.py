@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.request
 
 import pytest
 import yaml
 from deploy_tools import DOCKER, tool
-from serving_harness import _LoopThread, free_port, running_server
+from serving_harness import _LoopThread, free_port, running_server, wait_until
 
 from client.api import BiFusionClient
 from client.request import request_from_folder_frame
@@ -95,15 +94,6 @@ def cluster_health(admin: int) -> dict[str, str]:
     return view
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-
-
 @pytest.fixture
 def replicas(encoder):
     with running_server(encoder) as first, running_server(encoder) as second:
@@ -123,10 +113,11 @@ def envoy(replicas, tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(
+        wait_until(
             lambda: process.poll() is not None or set(_safe_health(admin).values()) == {"healthy"},
             60,
             "envoy to see both replicas healthy",
+            interval=0.25,
         )
         assert process.poll() is None, (tmp_path / "envoy.log").read_text()
         yield f"127.0.0.1:{listen}", admin, ports
@@ -165,11 +156,10 @@ def test_one_client_channel_is_spread_over_both_replicas_and_survives_one_stoppi
         # Drain the second replica as SIGTERM would: it reports NOT_SERVING, Envoy's gRPC
         # health check takes it out of the pool, and every call still succeeds on the first.
         _drain(replicas[1])
-        wait_for(
-            lambda: cluster_health(admin)[str(ports[1])] != "healthy",
-            30,
-            lambda: f"envoy to mark the replica down (it sees {cluster_health(admin)})",
-        )
+        try:
+            wait_until(lambda: cluster_health(admin)[str(ports[1])] != "healthy", 30, "", interval=0.25)
+        except TimeoutError:
+            pytest.fail(f"envoy kept the draining replica in the pool: {cluster_health(admin)}")
         first_before = frames_served(replicas[0])
         for i in range(4):
             assert client.encode_request(requests[i], timeout=120).num_points == MAX_POINTS
