@@ -139,7 +139,7 @@ def frames_served(replica) -> float:
     return replica.metric("bifusion_frames_total") or 0.0
 
 
-def test_one_client_channel_is_spread_over_both_replicas_and_survives_one_stopping(
+def test_one_client_channel_is_spread_over_both_replicas_and_survives_one_draining(
     replicas, envoy, tum_folder_frames
 ):
     address, admin, ports = envoy
