@@ -11,7 +11,7 @@ TORCH_VERSION="2.14.1"
 TORCHVISION_VERSION="0.29.1"
 ME_VERSION="0.5.4"
 WHEEL_CACHE="${BIFUSION_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bifusion/wheels}"
-APT_PACKAGES=(libopenblas-dev prometheus)
+APT_PACKAGES=(libopenblas-dev prometheus openssl)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
