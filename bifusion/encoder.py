@@ -23,6 +23,7 @@ from .validation import validate_frame
 
 log = logging.getLogger("bifusion")
 
+CPU_FUSION_CHUNK = 4096
 DEMO_WARNING = (
     "BiFusion is running on the random-init DEMO checkpoint: its features are NOT "
     "meaningful. Pass a trained checkpoint for real use."
@@ -83,6 +84,8 @@ class BiFusionEncoder:
         load_into(self.model, ckpt.state_dict, source=str(path))
         self.model.eval().to(self.device)
         self.amp = amp and self.device.type == "cuda"
+        # Points per block in the fusion stage: cache-sized on a CPU, all at once on a GPU.
+        self.fusion_chunk = CPU_FUSION_CHUNK if self.device.type == "cpu" else None
         self.limits = limits or Limits()
         self.info = ModelInfo(
             architecture=(
@@ -131,15 +134,20 @@ class BiFusionEncoder:
         with timer("unet"):
             point_3d = self.model.features_3d(points.xyz_world, points.rgb, points.batch_index)
         with timer("fusion"), self._autocast():
-            gx, gy = geo.pixel_to_grid(
+            grid = geo.pixel_to_grid(
                 points.u,
                 points.v,
                 batch.widths[points.batch_index],
                 batch.heights[points.batch_index],
             )
-            sampled = geo.sample_bilinear(maps, points.batch_index, gx, gy)
             features, alpha = self.model.fuse(
-                sampled, point_3d, points.valid, points.batch_index, batch.num_frames
+                maps,
+                grid,
+                point_3d,
+                points.valid,
+                points.batch_index,
+                batch.num_frames,
+                chunk=self.fusion_chunk,
             )
         with timer("output"):
             results = self._results(frames, options, points, features.float(), alpha.float())

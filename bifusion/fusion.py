@@ -35,6 +35,23 @@ class LiteFusionGate(nn.Module):
             nn.Sigmoid(),
         )
 
+    def mix(
+        self, f2d: torch.Tensor, f3d: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per point: α from both branches (0 where invalid) and ``α·f2d + (1−α)·f3d``."""
+        g = self.gate(torch.cat((f2d, f3d), dim=-1)).squeeze(-1)
+        alpha = 0.5 * (1 + torch.tanh(g / self.tau))
+        alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
+        # An invalid point's 2D features must not reach the output even as NaN/inf.
+        f2d = torch.where(valid.unsqueeze(-1), f2d, torch.zeros_like(f2d))
+        return alpha.unsqueeze(-1) * f2d + (1 - alpha).unsqueeze(-1) * f3d, alpha
+
+    def excite(self, valid_sums: torch.Tensor, valid_counts: torch.Tensor) -> torch.Tensor:
+        """Per frame: channel weights from the mean of its valid points' mixed features
+        (B×C sums over valid points, B counts clamped to ≥ 1)."""
+        squeeze = valid_sums / valid_counts.clamp_min(1).unsqueeze(-1)
+        return self.se(squeeze.unsqueeze(-1)).squeeze(-1)  # Conv1d wants B×C×1
+
     def forward(
         self,
         f2d: torch.Tensor,
@@ -43,18 +60,17 @@ class LiteFusionGate(nn.Module):
         batch_index: torch.Tensor,
         num_frames: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.gate(torch.cat((f2d, f3d), dim=-1)).squeeze(-1)
-        alpha = 0.5 * (1 + torch.tanh(g / self.tau))
-        alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
-        # An invalid point's 2D features must not reach the output even as NaN/inf.
-        f2d = torch.where(valid.unsqueeze(-1), f2d, torch.zeros_like(f2d))
-        mixed = alpha.unsqueeze(-1) * f2d + (1 - alpha).unsqueeze(-1) * f3d
+        mixed, alpha = self.mix(f2d, f3d, valid)
+        sums, counts = masked_segment_sums(mixed, valid, batch_index, num_frames)
+        return mixed * self.excite(sums, counts)[batch_index], alpha
 
-        weight = valid.to(mixed.dtype)
-        sums = mixed.new_zeros(num_frames, mixed.shape[-1]).index_add_(
-            0, batch_index, mixed * weight.unsqueeze(-1)
-        )
-        counts = weight.new_zeros(num_frames).index_add_(0, batch_index, weight).clamp_min(1)
-        squeeze = (sums / counts.unsqueeze(-1)).unsqueeze(-1)  # B×C×1 for Conv1d
-        excitation = self.se(squeeze).squeeze(-1)
-        return mixed * excitation[batch_index], alpha
+
+def masked_segment_sums(
+    values: torch.Tensor, mask: torch.Tensor, batch_index: torch.Tensor, num_frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame, the sum of ``values`` rows where ``mask`` holds, and how many rows that was."""
+    weight = mask.to(values.dtype)
+    sums = values.new_zeros(num_frames, values.shape[-1]).index_add_(
+        0, batch_index, values * weight.unsqueeze(-1)
+    )
+    return sums, weight.new_zeros(num_frames).index_add_(0, batch_index, weight)

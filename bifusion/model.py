@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import geometry as geo
 from .clip_tower import ClipTower
 from .config import ModelConfig
-from .fusion import Head, LiteFusionGate
+from .fusion import Head, LiteFusionGate, masked_segment_sums
 from .minkowski import ME
 from .unet import Res16UNet34C
 
@@ -46,15 +47,42 @@ class BiFusionModel(nn.Module):
 
     def fuse(
         self,
-        sampled_2d: torch.Tensor,
+        maps_2d: torch.Tensor,
+        grid: tuple[torch.Tensor, torch.Tensor],
         point_3d: torch.Tensor,
         valid: torch.Tensor,
         batch_index: torch.Tensor,
         num_frames: int,
+        chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heads, gate, masked SE and the one L2 normalisation."""
+        """2D sampling, heads, gate, masked SE and the one L2 normalisation.
+
+        Every step but the SE squeeze is row-independent, so it runs over blocks of
+        ``chunk`` points: on a CPU that keeps the P×256 intermediates in cache (about 2×
+        faster at 160 000 points with 4096-point blocks); ``None`` takes all points at once.
+        """
+        gx, gy = grid
+        blocks = [slice(s, s + chunk) for s in range(0, len(valid), chunk)] if chunk else [slice(None)]
+        mixed = point_3d.new_empty(point_3d.shape[0], self.config.feature_dim)
+        alpha = point_3d.new_empty(point_3d.shape[0])
+        sums = point_3d.new_zeros(num_frames, self.config.feature_dim)
+        counts = point_3d.new_zeros(num_frames)
+        for block in blocks:
+            sampled = geo.sample_bilinear(maps_2d, batch_index[block], gx[block], gy[block])
+            mixed[block], alpha[block] = self.mix(sampled, point_3d[block], valid[block])
+            block_sums, block_counts = masked_segment_sums(
+                mixed[block], valid[block], batch_index[block], num_frames
+            )
+            sums += block_sums
+            counts += block_counts
+        excitation = self.fusion.excite(sums, counts)
+        for block in blocks:
+            mixed[block] = F.normalize(mixed[block] * excitation[batch_index[block]], dim=-1)
+        return mixed, alpha
+
+    def mix(
+        self, sampled_2d: torch.Tensor, point_3d: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads and gate for a block of points; invalid points enter ``head2d`` as zeros."""
         sampled_2d = torch.where(valid.unsqueeze(-1), sampled_2d, torch.zeros_like(sampled_2d))
-        f2d = self.head2d(sampled_2d)
-        f3d = self.head3d(point_3d)
-        fused, alpha = self.fusion(f2d, f3d, valid, batch_index, num_frames)
-        return F.normalize(fused, dim=-1), alpha
+        return self.fusion.mix(self.head2d(sampled_2d), self.head3d(point_3d), valid)

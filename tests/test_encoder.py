@@ -114,7 +114,7 @@ def test_one_clip_and_one_unet_call_per_batch(encoder, tum_frames, monkeypatch):
     encoder.encode(frames, EncodeOptions(max_points=2000))
     assert len(clip_calls) == 1 and clip_calls[0][0] == 3
     assert len(unet_calls) == 1 and len(fuse_calls) == 1
-    assert fuse_calls[0][0] == 6000
+    assert fuse_calls[0][0] == 3  # the three frames' 2D maps, fused together
 
 
 def test_invalid_points_2d_features_cannot_change_any_output(encoder, tum_frames, rng, monkeypatch):
@@ -129,14 +129,13 @@ def test_invalid_points_2d_features_cannot_change_any_output(encoder, tum_frames
     valid = reference[0].valid
     assert 0 < valid.sum() < len(valid) - 1000
 
-    original = encoder.model.fuse
+    original = encoder.model.mix
 
-    def poisoned_fuse(sampled, point_3d, valid, batch_index, num_frames):
+    def poisoned_mix(sampled, point_3d, valid):
         noise = torch.randn_like(sampled) * 1e3
-        sampled = torch.where(valid.unsqueeze(-1), sampled, noise)
-        return original(sampled, point_3d, valid, batch_index, num_frames)
+        return original(torch.where(valid.unsqueeze(-1), sampled, noise), point_3d, valid)
 
-    monkeypatch.setattr(encoder.model, "fuse", poisoned_fuse)
+    monkeypatch.setattr(encoder.model, "mix", poisoned_mix)
     poisoned = encoder.encode([frame, other], options)
     for a, b in zip(reference, poisoned, strict=True):
         np.testing.assert_array_equal(a.features, b.features)
@@ -238,3 +237,12 @@ def test_cuda_matches_cpu(encoder, tum_frames):
     for a, b in zip(encoder.encode(frames), amp.encode(frames), strict=True):
         np.testing.assert_array_equal(a.valid, b.valid)
         assert np.mean(np.sum(a.features * b.features, axis=1)) > 0.99
+
+
+@pytest.mark.parametrize("chunk", [None, 777])
+def test_fusion_in_blocks_equals_all_points_at_once(encoder, tum_frames, monkeypatch, chunk):
+    options = [EncodeOptions(max_points=5000), EncodeOptions(max_points=3000)]
+    reference = encoder.encode(tum_frames[:2], options)
+    monkeypatch.setattr(encoder, "fusion_chunk", chunk)
+    for a, b in zip(reference, encoder.encode(tum_frames[:2], options), strict=True):
+        assert_same_result(a, b, atol=1e-5)
