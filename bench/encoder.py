@@ -27,15 +27,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tum_fr1_xyz"
 
 def real_frames(folder: Path) -> list[Frame]:
     return [
-        Frame(
-            color=f.color,
-            depth=f.depth,
-            depth_scale=f.depth_scale,
-            intrinsics=Intrinsics(**f.intrinsics),
-            cam_to_world=f.cam_to_world,
-            frame_id=f.frame_id,
-        )
-        for f in load_frames_folder(folder)
+        Frame(**{**vars(f), "intrinsics": Intrinsics(**f.intrinsics)}) for f in load_frames_folder(folder)
     ]
 
 

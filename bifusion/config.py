@@ -72,9 +72,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)

@@ -46,7 +46,6 @@ class ModelInfo:
 class Points:
     """All frames' points, packed and ordered by frame."""
 
-    xyz_cam: torch.Tensor  # P×3
     rgb: torch.Tensor  # P×3 in 0..255
     batch_index: torch.Tensor  # P
     point_index: torch.Tensor  # P, pixel index or client row
@@ -220,7 +219,6 @@ class BiFusionEncoder:
         rgb = torch.where(torch.isnan(rgb), fallback, rgb)
 
         return Points(
-            xyz_cam=xyz,
             rgb=rgb,
             batch_index=batch_index,
             point_index=point_index,

@@ -15,18 +15,10 @@ TUM_DIR = DATA_DIR / "tum_fr1_xyz"
 
 
 def to_frame(f: FolderFrame, **overrides):
+    """An encoder input from a folder frame (its fields are Frame's, intrinsics as a mapping)."""
     from bifusion import Frame, Intrinsics
 
-    fields = dict(
-        color=f.color,
-        depth=f.depth,
-        depth_scale=f.depth_scale,
-        intrinsics=Intrinsics(**f.intrinsics),
-        cam_to_world=f.cam_to_world,
-        frame_id=f.frame_id,
-    )
-    fields.update(overrides)
-    return Frame(**fields)
+    return Frame(**{**vars(f), "intrinsics": Intrinsics(**f.intrinsics), **overrides})
 
 
 @pytest.fixture(scope="session")
