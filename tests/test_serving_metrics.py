@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_harness import free_port, running_server, wait_until
+from serving_harness import ROOT, free_port, running_server, wait_until
 
 from client.api import BiFusionClient
 from client.request import build_request, request_from_folder_frame
@@ -83,6 +83,17 @@ def test_every_documented_metric_is_exported_with_its_type_and_labels(traffic):
         assert exported[name].type == kind, name
         for sample in exported[name].samples:
             assert set(sample.labels) - {"le"} == labels, (name, sample.labels)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/metrics.md"])
+def test_every_exported_metric_is_documented(traffic, doc):
+    text = (ROOT / doc).read_text()
+    exported = families(traffic.live.metrics_text())
+    for family in exported.values():
+        # prometheus_client's own *_created timestamps ride along with counters and histograms.
+        if family.name.startswith("bifusion_") and not family.name.endswith("_created"):
+            shown = family.name + ("_total" if family.type == "counter" else "")
+            assert f"`{shown}" in text or f"{shown}`" in text, f"{shown} is not documented in {doc}"
 
 
 def test_buckets(traffic):
