@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +83,10 @@ def file_sha256(path: str | Path) -> str:
 def load_into(
     module: torch.nn.Module,
     state_dict: Mapping[str, torch.Tensor],
-    ignore: Iterable[str] = (),
     source: str = "checkpoint",
 ) -> None:
-    """Strict load with one error listing every missing, unexpected and mis-shaped key.
-
-    Keys starting with a prefix in ``ignore`` are dropped first (weights of layers the
-    encoder does not use, such as the U-Net's ``final`` conv).
-    """
-    ignore = tuple(ignore)
-    incoming = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    """Strict load with one error listing every missing, unexpected and mis-shaped key."""
+    incoming = dict(state_dict)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(incoming))
     unexpected = sorted(set(incoming) - set(expected))

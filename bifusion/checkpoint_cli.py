@@ -37,7 +37,7 @@ def cmd_init(args: argparse.Namespace) -> dict:
         load_into(model.clip.visual, visual, source=str(args.clip_weights))
     if args.unet_weights:
         unet = importers.oneformer3d_backbone(args.unet_weights, args.unet_prefix)
-        load_into(model.unet, unet, ignore=importers.UNET_UNUSED_PREFIXES, source=str(args.unet_weights))
+        load_into(model.unet, unet, source=str(args.unet_weights))
     sha = save_checkpoint(args.output, config, model.state_dict())
     return {"output": str(args.output), "sha256": sha, "demo_weights": True}
 
