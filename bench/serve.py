@@ -2,7 +2,7 @@
 
 Measures, on the real TUM frames:
 - the in-process encoder's frames/s, one frame per call and in batches of --max-batch-size;
-- a ``python -m server`` child loaded by closed-loop clients at each --concurrency
+- a ``python -m bifusion_server`` child loaded by closed-loop clients at each --concurrency
   (frames/s, p50/p95/p99 latency, mean batch size), and its ratio to the in-process rate;
 - response bytes per frame (float32 and float16 features) against the raw tensor bytes;
 - request transport: PNG vs raw colour/depth at concurrency 1 (bytes and latency).
@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
 from bench.machine import describe  # noqa: E402
-from client.api import BiFusionClient  # noqa: E402
-from client.frames_folder import load_frames_folder  # noqa: E402
-from client.loadgen import run_load  # noqa: E402
-from client.request import request_from_folder_frame  # noqa: E402
+from bifusion_client.api import BiFusionClient  # noqa: E402
+from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
+from bifusion_client.loadgen import run_load  # noqa: E402
+from bifusion_client.request import request_from_folder_frame  # noqa: E402
 
 FEATURE_DIM = 256
 # Per point besides features: alpha float32, valid bool, point index int64.
@@ -65,7 +65,7 @@ def in_process_rates(args) -> dict:
 
 
 class ServerChild:
-    """``python -m server`` on a free port, stopped with SIGTERM."""
+    """``python -m bifusion_server`` on a free port, stopped with SIGTERM."""
 
     def __init__(self, args):
         import socket
@@ -76,7 +76,7 @@ class ServerChild:
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
         command = [
-            sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(self.port),
             "--metrics-port", "0", "--device", args.device, "--max-batch-size", str(args.max_batch_size),
             "--max-batch-delay-ms", str(args.max_batch_delay_ms),
             "--max-queue", str(4 * max(args.concurrency)),

@@ -5,7 +5,7 @@ The proto is mapped to the virtual path ``bifusion_wire/encoder.proto`` so the s
 each other as ``bifusion_wire.encoder_pb2``: a top-level package of its own, apart from the
 torch-only ``bifusion`` package, so robots can import it without torch.
 
-Usage: python scripts/generate_wire.py [--out DIR]   (DIR defaults to the repository root)
+Usage: python scripts/generate_wire.py [--out DIR]   (DIR defaults to client/, the client distribution)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "protos" / "bifusion" / "v1"
 PACKAGE = "bifusion_wire"
+CLIENT_ROOT = ROOT / "client"
 GENERATED = ("encoder_pb2.py", "encoder_pb2.pyi", "encoder_pb2_grpc.py")
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
+    parser.add_argument("--out", type=Path, default=CLIENT_ROOT, help="output root (default: client/)")
     for path in generate(parser.parse_args().out):
         print(path, file=sys.stderr)
 

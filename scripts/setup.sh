@@ -82,11 +82,13 @@ PY
 install_project() {
   # Reinstall only when the project's metadata changed since the last install.
   local stamp="$VENV/.bifusion-project-stamp" want
-  want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import bifusion, server, client" 2>/dev/null; then
+  want="$(cat "$ROOT/pyproject.toml" "$ROOT/client/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import bifusion, bifusion_server, bifusion_client" 2>/dev/null; then
     return
   fi
   log "installing the project"
+  # The client distribution first: the server's bifusion-client requirement is then met locally.
+  pip install -q -e "$ROOT/client"
   pip install -q -e "$ROOT[dev]"
   echo "$want" >"$stamp"
 }

@@ -3,7 +3,7 @@
 - ``running_server(encoder, **config)``: a ``BiFusionServer`` in this process (its event loop
   on a background thread), sharing an already loaded encoder; fast, and its internals
   (``live.server.batcher``, ``live.server.metrics``) can be inspected.
-- ``server_process(*flags)``: ``python -m server`` as a child process, for signals, exit codes,
+- ``server_process(*flags)``: ``python -m bifusion_server`` as a child process, for signals, exit codes,
   logs and anything that must see the real entry point.
 
 Both yield a ``LiveServer`` with ``address`` ("127.0.0.1:PORT", gRPC) and ``metrics_address``
@@ -151,8 +151,8 @@ def running_server(encoder=None, wait_ready: bool = True, **config) -> Iterator[
     """A server in this process on free ports. ``encoder`` (a loaded BiFusionEncoder, or any
     object with its interface) is reused instead of loading a checkpoint; ``config`` overrides
     ServerConfig fields (warm-up is off unless asked for: the shared encoder is already warm)."""
-    from server.app import BiFusionServer
-    from server.config import ServerConfig
+    from bifusion_server.app import BiFusionServer
+    from bifusion_server.config import ServerConfig
 
     config = {"host": LOOPBACK, "port": 0, "metrics_port": free_port(), "warmup_frames": 0, **config}
     factory = (lambda: encoder) if encoder is not None else None
@@ -176,11 +176,11 @@ def running_server(encoder=None, wait_ready: bool = True, **config) -> Iterator[
 def server_process(
     *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True
 ) -> Iterator[LiveServer]:
-    """``python -m server`` on free ports with ``flags``; SIGTERM (then SIGKILL) at exit."""
+    """``python -m bifusion_server`` on free ports with ``flags``; SIGTERM (then SIGKILL) at exit."""
     port, metrics_port = free_port(), free_port()
     with tempfile.NamedTemporaryFile(prefix="bifusion-server-", suffix=".log", delete=False) as log_file:
         command = [
-            sys.executable, "-m", "server",
+            sys.executable, "-m", "bifusion_server",
             "--host", LOOPBACK, "--port", str(port), "--metrics-port", str(metrics_port), *flags,
         ]  # fmt: skip
         process = subprocess.Popen(

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from deploy_tools import COMPOSE_FILES, DATA, DOCKER, ROOT, load_compose, tool
 
-from server.config import ServerConfig, env_name
+from bifusion_server.config import ServerConfig, env_name
 
 SCHEMA = json.loads((DATA / "compose-spec.json").read_text())
 

@@ -13,7 +13,7 @@ import dockerfile
 import pytest
 from deploy_tools import DOCKER, ROOT, tool
 
-from server.config import ServerConfig, env_name
+from bifusion_server.config import ServerConfig, env_name
 
 DOCKERFILE = DOCKER / "Dockerfile"
 IGNORE_FILE = DOCKER / "Dockerfile.dockerignore"

@@ -13,8 +13,8 @@ import yaml
 from deploy_tools import DOCKER, tool
 from serving_harness import _LoopThread, free_port, running_server, wait_until
 
-from client.api import BiFusionClient
-from client.request import request_from_folder_frame
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 CONFIG = DOCKER / "envoy" / "envoy.yaml"
 CALLS = 16

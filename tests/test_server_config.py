@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import MIB, ServerConfig, load_config
+from bifusion_server.config import MIB, ServerConfig, load_config
 
 
 def test_defaults_match_the_documented_interface():

@@ -8,8 +8,8 @@ import torch
 from serving_harness import running_server
 
 from bifusion import BiFusionEncoder, EncodeOptions
-from client.api import BiFusionClient
-from client.request import request_from_folder_frame
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

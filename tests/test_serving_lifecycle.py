@@ -26,8 +26,8 @@ from serving_harness import (
 
 from bifusion import EncodeOptions
 from bifusion_wire import SERVICE_NAME
-from client.api import BiFusionClient
-from client.request import request_from_folder_frame
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 HEALTH_NAMES = ("", SERVICE_NAME)
 

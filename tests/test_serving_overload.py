@@ -13,7 +13,7 @@ import pytest
 from serving_harness import ModelSpy, health_status, running_server, wait_until
 
 from bifusion_wire import encoder_pb2_grpc
-from client.request import request_from_folder_frame
+from bifusion_client.request import request_from_folder_frame
 
 MAX_POINTS = 500
 

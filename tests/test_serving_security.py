@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from serving_harness import ROOT, health_status, running_server
 
 from bifusion_wire import SERVICE_NAME
-from client.api import BiFusionClient
-from client.request import request_from_folder_frame
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 TOKEN = "s3cret-T0ken"
 

@@ -27,7 +27,7 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path):
     generator = load_generator()
     fresh = generator.generate(tmp_path)
     for path in fresh:
-        committed = ROOT / generator.PACKAGE / path.name
+        committed = generator.CLIENT_ROOT / generator.PACKAGE / path.name
         assert committed.read_bytes() == path.read_bytes(), (
             f"{committed} is stale: run `python scripts/generate_wire.py` and commit the result"
         )
@@ -95,12 +95,12 @@ def test_client_works_without_torch_or_the_encoder_package():
         sys.modules["torch"] = None  # any import of torch now fails
         sys.modules["bifusion"] = None
         import numpy as np
-        from client.api import BiFusionClient, error_field
-        from client.cli import build_parser
-        from client.frames_folder import load_frames_folder
-        from client.loadgen import run_load
-        from client.request import build_request
-        from client.result import EncodeResult
+        from bifusion_client.api import BiFusionClient, error_field
+        from bifusion_client.cli import build_parser
+        from bifusion_client.frames_folder import load_frames_folder
+        from bifusion_client.loadgen import run_load
+        from bifusion_client.request import build_request
+        from bifusion_client.result import EncodeResult
         color, depth = np.zeros((32, 32, 3), np.uint8), np.full((32, 32), 1000, np.uint16)
         request = build_request(color, depth, (30, 30, 15.5, 15.5))
         assert request.intrinsics.width == 32 and request.depth.depth_scale == 1000.0

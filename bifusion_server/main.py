@@ -1,4 +1,4 @@
-"""``bifusion-server`` / ``python -m server``: run until SIGTERM or SIGINT, then drain."""
+"""``bifusion-server`` / ``python -m bifusion_server``: run until SIGTERM or SIGINT, then drain."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class BiFusionClient:
     def encode_frame(
         self, color, depth, intrinsics, cam_to_world=None, *, timeout: float | None = None, **options
     ) -> EncodeResult:
-        """Encode one frame. ``options`` are those of :func:`client.request.build_request`:
+        """Encode one frame. ``options`` are those of :func:`bifusion_client.request.build_request`:
         depth_scale, points, frame_id, max_points, float16, world_points, occlusion_tau,
         color_format, depth_format."""
         request = build_request(color, depth, intrinsics, cam_to_world=cam_to_world, **options)
