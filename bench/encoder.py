@@ -18,9 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
+
 from bench.machine import describe  # noqa: E402
 from bifusion import BiFusionEncoder, EncodeOptions, Frame, Intrinsics  # noqa: E402
-from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tum_fr1_xyz"
 

@@ -27,12 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
-from bench.machine import describe  # noqa: E402
 from bifusion_client.api import BiFusionClient  # noqa: E402
 from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
 from bifusion_client.loadgen import run_load  # noqa: E402
 from bifusion_client.request import request_from_folder_frame  # noqa: E402
+
+from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
+from bench.machine import describe  # noqa: E402
 
 FEATURE_DIM = 256
 # Per point besides features: alpha float32, valid bool, point index int64.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-from bifusion import FrameResult, ModelInfo
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import to_tensor
+
+from bifusion import FrameResult, ModelInfo
 
 # Per point: alpha float32, valid bool, point index int64; world xyz float32 when asked.
 FIXED_BYTES_PER_POINT = 4 + 1 + 8

@@ -10,10 +10,9 @@ import contextlib
 
 import grpc
 import pytest
-from serving_harness import ModelSpy, health_status, running_server, wait_until
-
-from bifusion_wire import encoder_pb2_grpc
 from bifusion_client.request import request_from_folder_frame
+from bifusion_wire import encoder_pb2_grpc
+from serving_harness import ModelSpy, health_status, running_server, wait_until
 
 MAX_POINTS = 500
 

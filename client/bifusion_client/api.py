@@ -6,10 +6,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire import encoder_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .request import build_request
 from .result import EncodeResult
