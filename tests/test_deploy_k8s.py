@@ -27,6 +27,7 @@ from deploy_promql import check_names, exported, metric_names
 from deploy_tools import DOCKER, ROOT, tool
 from serving_harness import (
     ModelSpy,
+    free_port,
     health_status,
     running_server,
     server_process,
@@ -533,3 +534,74 @@ def test_round_robin_client_spreads_calls_and_skips_a_draining_server(encoder, t
                 spy.gate.set()
                 held.join(120)
                 drained.result(120)
+
+
+# ---------------------------------------------------------------- TLS through Envoy
+
+
+@pytest.fixture
+def tls_replicas(encoder, secrets):
+    tls = {"tls_cert": str(secrets / "tls.crt"), "tls_key": str(secrets / "tls.key")}
+    with running_server(encoder, **tls) as first, running_server(encoder, **tls) as second:
+        yield [first, second]
+
+
+def test_tls_envoy_config_carries_tls_to_clients_and_to_tls_encoders(
+    rendered, secrets, tls_replicas, tmp_path, tum_folder_frames
+):
+    """The production overlay's Envoy config, its replicas on loopback: a TLS client reaches
+    both TLS encoders through it, and Envoy's gRPC health checks pass over TLS."""
+    from test_deploy_envoy import cluster_health, loopback_config
+
+    text = one(rendered["gpu-production"], "ConfigMap", "bifusion-envoy")["data"]["envoy.yaml"]
+    shipped = yaml.safe_load(text.replace("/etc/bifusion/tls/", f"{secrets}/"))
+    listen, admin = free_port(), free_port()
+    ports = [int(r.address.rsplit(":", 1)[1]) for r in tls_replicas]
+    config = loopback_config(ports, listen, admin)
+    for key in ("listeners", "clusters"):
+        [ours], [theirs] = config["static_resources"][key], shipped["static_resources"][key]
+        target, source = (
+            (ours, theirs) if key == "clusters" else (ours["filter_chains"][0], theirs["filter_chains"][0])
+        )
+        target["transport_socket"] = source["transport_socket"]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with open(tmp_path / "envoy.log", "wb") as log:
+        process = subprocess.Popen(
+            [tool("envoy"), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(
+                lambda: process.poll() is not None or _all_healthy(cluster_health, admin),
+                60,
+                "envoy to see both TLS replicas healthy",
+                interval=0.25,
+            )
+            assert process.poll() is None, (tmp_path / "envoy.log").read_text()
+            requests = [request_from_folder_frame(f, max_points=MAX_POINTS) for f in tum_folder_frames]
+            before = [r.metric("bifusion_frames_total") or 0.0 for r in tls_replicas]
+            options = {"tls_ca": secrets / "ca.crt", "tls_server_name": "bifusion-serve"}
+            with BiFusionClient(f"127.0.0.1:{listen}", **options) as client:
+                for i in range(6):
+                    assert (
+                        client.encode_request(requests[i % len(requests)], timeout=120).num_points
+                        == MAX_POINTS
+                    )
+            served = [
+                (r.metric("bifusion_frames_total") or 0.0) - b
+                for r, b in zip(tls_replicas, before, strict=True)
+            ]
+            assert sum(served) == 6 and all(n > 0 for n in served), served
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _all_healthy(cluster_health, admin: int) -> bool:
+    try:
+        view = cluster_health(admin)
+    except OSError:
+        return False
+    return len(view) == 2 and set(view.values()) == {"healthy"}
