@@ -31,6 +31,7 @@ from serving_harness import (
     health_status,
     running_server,
     server_process,
+    wait_for_health,
     wait_until,
 )
 
@@ -605,3 +606,61 @@ def _all_healthy(cluster_health, admin: int) -> bool:
     except OSError:
         return False
     return len(view) == 2 and set(view.values()) == {"healthy"}
+
+
+# ---------------------------------------------------------------- read-only root filesystem
+
+# Inside a user and mount namespace: the demo checkpoint cache (the pod's emptyDir) bound
+# first, a tmpfs on /tmp (the other emptyDir), then everything else read-only, as
+# readOnlyRootFilesystem makes it. "$1" is the cache, the rest the server's command line.
+READ_ONLY_ROOT = """set -e
+cache="$1"; shift
+mount -t tmpfs -o size=512m tmpfs /tmp
+mkdir -p /tmp/.pod-cache
+mount --bind "$cache" /tmp/.pod-cache
+mount -o remount,bind,ro /
+exec "$@"
+"""
+
+
+def _user_namespaces_work() -> bool:
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return False
+    probe = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", "mount -o remount,bind,ro /"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+def test_the_server_needs_no_writable_path_beyond_the_pods_volumes(rendered, tmp_path, tum_folder_frames):
+    """The CPU overlay's environment, on a read-only root filesystem with only the pod's
+    writable volumes: the server loads, warms up, encodes a real frame and drains."""
+    if not _user_namespaces_work():
+        pytest.skip("needs unshare and unprivileged user namespaces to make / read-only")
+    docs = rendered["cpu"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIFUSION_")}
+    env.update(encoder_env(docs))
+    assert env["BIFUSION_CACHE_DIR"] == "/var/cache/bifusion"  # its own emptyDir in the pod
+    env["BIFUSION_CACHE_DIR"] = "/tmp/.pod-cache"  # here: the demo checkpoint already made
+    cache = os.environ.get("BIFUSION_CACHE_DIR") or str(Path.home() / ".cache" / "bifusion")
+    port, metrics_port = free_port(), free_port()
+    server = [sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(port),
+              "--metrics-port", str(metrics_port)]  # fmt: skip
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", READ_ONLY_ROOT, "sh", cache]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*command, *server], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_for_health(address, "SERVING", 240, process=process, log_path=log_path)
+        request = request_from_folder_frame(tum_folder_frames[0], max_points=MAX_POINTS)
+        with BiFusionClient(address) as client:
+            assert client.encode_request(request, timeout=120).num_points == MAX_POINTS
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log_path.read_text()
+        assert "Read-only file system" not in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
