@@ -2,11 +2,13 @@
 every object validates offline against the Kubernetes API schemas, the Prometheus Operator
 objects pass their own checks (promtool), and what the manifests promise — probe and
 container ports, the metrics path, the metric names in the alert rules and the autoscaler,
-the drain fitting the grace period, TLS probes — is checked against live servers. Client-side
-round-robin over several servers (the headless Service's path) is checked live too."""
+the drain fitting the grace period, a read-only root filesystem, TLS probes, TLS through
+Envoy — is checked against live servers. Client-side round-robin over several servers (the
+headless Service's path) is checked live too."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -14,9 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -30,8 +33,6 @@ from serving_harness import (
     free_port,
     health_status,
     running_server,
-    server_process,
-    wait_for_health,
     wait_until,
 )
 
@@ -402,58 +403,110 @@ def test_envoy_accepts_both_generated_configs(rendered, secrets, tmp_path):
 # ---------------------------------------------------------------- against live servers
 
 
-def test_probes_metrics_and_drain_against_the_real_server(rendered, tmp_path):
-    """The CPU overlay's own environment runs the real entry point: health stays NOT_SERVING
-    until loaded and warmed up (what readiness and startup probe see), the probes' check
-    then passes, the scrape path serves every metric the alerts and the autoscaler read,
-    and SIGTERM's drain ends well inside the grace period."""
+# In a user and mount namespace: the demo checkpoint cache (the pod's emptyDir) bound first,
+# a tmpfs on /tmp (the other emptyDir), then everything else read-only, as the pod's
+# readOnlyRootFilesystem makes it. "$1" is the cache, the rest the server's command line.
+READ_ONLY_ROOT = """set -e
+cache="$1"; shift
+mount -t tmpfs -o size=512m tmpfs /tmp
+mkdir -p /tmp/.pod-cache
+mount --bind "$cache" /tmp/.pod-cache
+mount -o remount,bind,ro /
+exec "$@"
+"""
+
+
+def _user_namespaces_work() -> bool:
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return False
+    probe = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", "mount -o remount,bind,ro /"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+@contextlib.contextmanager
+def pod_like_server(docs, log_path: Path, read_only: bool):
+    """``python -m bifusion_server`` with the container's environment from ``docs`` (the
+    ConfigMap and env entries), on free loopback ports; with ``read_only``, on a read-only
+    root filesystem where only the pod's writable volumes can be written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIFUSION_")}
+    env.update(encoder_env(docs))
+    # The demo checkpoint this machine already has (the pod makes it in its emptyDir).
+    cache = os.environ.get("BIFUSION_CACHE_DIR") or str(Path.home() / ".cache" / "bifusion")
+    env["BIFUSION_CACHE_DIR"] = "/tmp/.pod-cache" if read_only else cache
+    port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(port),
+               "--metrics-port", str(metrics_port)]  # fmt: skip
+    if read_only:
+        command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", READ_ONLY_ROOT, "sh", cache,
+                   *command]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process, f"127.0.0.1:{port}", f"127.0.0.1:{metrics_port}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_pod_environment_against_the_real_server(rendered, tmp_path, tum_folder_frames):
+    """The CPU overlay's container environment runs the real entry point on a read-only root
+    filesystem with only the pod's writable volumes: health stays NOT_SERVING until the model
+    is loaded and warmed up (what the startup and readiness probes see), then the probes'
+    check passes, a real frame is encoded, the scraped path serves every metric the alert
+    rules and the autoscaler read, and SIGTERM's drain ends well inside the grace period."""
     docs = rendered["cpu"]
-    env = {k: v for k, v in encoder_env(docs).items() if k.startswith("BIFUSION_")}
-    # The demo checkpoint the test machine already has (the pod makes it in its emptyDir).
-    env["BIFUSION_CACHE_DIR"] = os.environ.get("BIFUSION_CACHE_DIR", str(Path.home() / ".cache" / "bifusion"))
     container = encoder_container(docs)
-    with server_process(env=env, wait_ready=False) as live:
-        seen = _health_until_serving(live)
+    assert encoder_env(docs)["BIFUSION_CACHE_DIR"] == "/var/cache/bifusion"  # the pod's emptyDir
+    read_only = _user_namespaces_work()
+    if not read_only:
+        warnings.warn("no user namespaces here: the read-only root filesystem is not exercised", stacklevel=1)
+    log_path = tmp_path / "server.log"
+    with pod_like_server(docs, log_path, read_only) as (process, address, metrics_address):
+        seen = _health_until_serving(process, address, log_path)
         assert "NOT_SERVING" in seen, f"readiness would have passed before warm-up: {seen}"
         probe = container["readinessProbe"]["grpc"]
-        assert health_status(live.address, service=probe.get("service", "")) == "SERVING"
+        assert health_status(address, service=probe.get("service", "")) == "SERVING"
+        request = request_from_folder_frame(tum_folder_frames[0], max_points=MAX_POINTS)
+        with BiFusionClient(address) as client:
+            assert client.encode_request(request, timeout=120).num_points == MAX_POINTS
+
         path = encoder_pod(docs)["metadata"]["annotations"]["prometheus.io/path"]
-        with urllib.request.urlopen(f"http://{live.metrics_address}{path}", timeout=10) as response:
-            assert response.status == 200
-            available = exported(response.read().decode())
-        [rule] = objects(rendered["gpu-production"], "PrometheusRule").values()
-        problems = [
-            f"{n}: {p}" for n, e in _rule_exprs(rule) + adapter_queries() for p in check_names(e, available)
-        ]
-        assert not problems, problems
-        for _, query in adapter_queries():
-            assert all(available[n] == "gauge" for n in metric_names(query))
         [monitor] = objects(rendered["gpu-production"], "ServiceMonitor").values()
         assert {e["path"] for e in monitor["spec"]["endpoints"]} == {path}
+        with urllib.request.urlopen(f"http://{metrics_address}{path}", timeout=10) as response:
+            available = exported(response.read().decode())
+        [rule] = objects(rendered["gpu-production"], "PrometheusRule").values()
+        exprs = _rule_exprs(rule) + adapter_queries()
+        problems = [f"{name}: {problem}" for name, expr in exprs for problem in check_names(expr, available)]
+        assert not problems, problems
+        for _, query in adapter_queries():
+            assert {available[n] for n in metric_names(query)} == {"gauge"}
 
         grace = encoder_pod(docs)["spec"]["terminationGracePeriodSeconds"]
         pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-        started = time.monotonic()
-        live.process.send_signal(signal.SIGTERM)
-        assert live.process.wait(grace - pre_stop) == 0
-        assert time.monotonic() - started < grace - pre_stop
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(grace - pre_stop) == 0, log_path.read_text()
+    assert "Read-only file system" not in log_path.read_text()
 
 
-def _health_until_serving(live, timeout: float = 240) -> list[str]:
+def _health_until_serving(process, address: str, log_path: Path, timeout: float = 240) -> list[str]:
+    """Every distinct health answer until SERVING (UNAVAILABLE: not listening yet)."""
     seen = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert live.process.poll() is None, live.log_text()
+        assert process.poll() is None, log_path.read_text()
         try:
-            status = health_status(live.address, timeout=1.0)
+            status = health_status(address, timeout=1.0)
         except grpc.RpcError as exc:
-            status = exc.code().name  # not listening yet
+            status = exc.code().name
         if not seen or seen[-1] != status:
             seen.append(status)
         if status == "SERVING":
             return seen
         time.sleep(0.05)
-    raise TimeoutError(f"never SERVING: {seen}\n{live.log_text()}")
+    raise TimeoutError(f"never SERVING: {seen}\n{log_path.read_text()}")
 
 
 def test_tls_probe_command_passes_against_a_tls_server_with_the_manifest_settings(rendered, secrets, encoder):
@@ -519,21 +572,19 @@ def test_round_robin_client_spreads_calls_and_skips_a_draining_server(encoder, t
             # Hold one call inside the second server's model, then drain it (as SIGTERM would).
             spy.gate.clear()
             spy.entered.clear()
-            held = threading.Thread(
-                target=lambda: BiFusionClient(second.address).encode_request(requests[0], timeout=120)
-            )
-            held.start()
-            assert spy.entered.wait(60)
-            drained = second.start_drain()
-            try:
-                wait_until(lambda: health_status(second.address) == "NOT_SERVING", 30, "the drain to start")
-                first_before = frames[0]()
-                for i in range(4):
-                    assert client.encode_request(requests[i], timeout=120).num_points == MAX_POINTS
-                assert frames[0]() - first_before == 4
-            finally:
-                spy.gate.set()
-                held.join(120)
+            with ThreadPoolExecutor(1) as pool, BiFusionClient(second.address) as direct:
+                held = pool.submit(direct.encode_request, requests[0], timeout=120)
+                assert spy.entered.wait(60)
+                drained = second.start_drain()
+                try:
+                    wait_until(lambda: health_status(second.address) == "NOT_SERVING", 30, "the drain")
+                    first_before = frames[0]()
+                    for i in range(4):
+                        assert client.encode_request(requests[i], timeout=120).num_points == MAX_POINTS
+                    assert frames[0]() - first_before == 4
+                finally:
+                    spy.gate.set()
+                assert held.result(120).num_points == MAX_POINTS  # the drain let it finish
                 drained.result(120)
 
 
@@ -606,61 +657,3 @@ def _all_healthy(cluster_health, admin: int) -> bool:
     except OSError:
         return False
     return len(view) == 2 and set(view.values()) == {"healthy"}
-
-
-# ---------------------------------------------------------------- read-only root filesystem
-
-# Inside a user and mount namespace: the demo checkpoint cache (the pod's emptyDir) bound
-# first, a tmpfs on /tmp (the other emptyDir), then everything else read-only, as
-# readOnlyRootFilesystem makes it. "$1" is the cache, the rest the server's command line.
-READ_ONLY_ROOT = """set -e
-cache="$1"; shift
-mount -t tmpfs -o size=512m tmpfs /tmp
-mkdir -p /tmp/.pod-cache
-mount --bind "$cache" /tmp/.pod-cache
-mount -o remount,bind,ro /
-exec "$@"
-"""
-
-
-def _user_namespaces_work() -> bool:
-    unshare = shutil.which("unshare")
-    if not unshare:
-        return False
-    probe = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", "mount -o remount,bind,ro /"]
-    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
-
-
-def test_the_server_needs_no_writable_path_beyond_the_pods_volumes(rendered, tmp_path, tum_folder_frames):
-    """The CPU overlay's environment, on a read-only root filesystem with only the pod's
-    writable volumes: the server loads, warms up, encodes a real frame and drains."""
-    if not _user_namespaces_work():
-        pytest.skip("needs unshare and unprivileged user namespaces to make / read-only")
-    docs = rendered["cpu"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BIFUSION_")}
-    env.update(encoder_env(docs))
-    assert env["BIFUSION_CACHE_DIR"] == "/var/cache/bifusion"  # its own emptyDir in the pod
-    env["BIFUSION_CACHE_DIR"] = "/tmp/.pod-cache"  # here: the demo checkpoint already made
-    cache = os.environ.get("BIFUSION_CACHE_DIR") or str(Path.home() / ".cache" / "bifusion")
-    port, metrics_port = free_port(), free_port()
-    server = [sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(port),
-              "--metrics-port", str(metrics_port)]  # fmt: skip
-    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", READ_ONLY_ROOT, "sh", cache]
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*command, *server], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_for_health(address, "SERVING", 240, process=process, log_path=log_path)
-        request = request_from_folder_frame(tum_folder_frames[0], max_points=MAX_POINTS)
-        with BiFusionClient(address) as client:
-            assert client.encode_request(request, timeout=120).num_points == MAX_POINTS
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, log_path.read_text()
-        assert "Read-only file system" not in log_path.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
