@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import re
 import shutil
@@ -35,13 +36,21 @@ from serving_harness import (
     running_server,
     wait_until,
 )
+from test_deploy_envoy import loopback_config, running_envoy
 
 from bifusion_client.api import BiFusionClient, balancing_service_config
 from bifusion_client.request import request_from_folder_frame
 from bifusion_server.config import ServerConfig, env_name, load_config
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import generate_k8s
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("generate_k8s", ROOT / "scripts" / "generate_k8s.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate_k8s = _load_generator()
 
 K8S = DOCKER / "k8s"
 OVERLAYS = ("gpu", "cpu", "gpu-production")
@@ -603,8 +612,6 @@ def test_tls_envoy_config_carries_tls_to_clients_and_to_tls_encoders(
 ):
     """The production overlay's Envoy config, its replicas on loopback: a TLS client reaches
     both TLS encoders through it, and Envoy's gRPC health checks pass over TLS."""
-    from test_deploy_envoy import cluster_health, loopback_config
-
     text = one(rendered["gpu-production"], "ConfigMap", "bifusion-envoy")["data"]["envoy.yaml"]
     shipped = yaml.safe_load(text.replace("/etc/bifusion/tls/", f"{secrets}/"))
     listen, admin = free_port(), free_port()
@@ -616,44 +623,16 @@ def test_tls_envoy_config_carries_tls_to_clients_and_to_tls_encoders(
             (ours, theirs) if key == "clusters" else (ours["filter_chains"][0], theirs["filter_chains"][0])
         )
         target["transport_socket"] = source["transport_socket"]
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with open(tmp_path / "envoy.log", "wb") as log:
-        process = subprocess.Popen(
-            [tool("envoy"), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until(
-                lambda: process.poll() is not None or _all_healthy(cluster_health, admin),
-                60,
-                "envoy to see both TLS replicas healthy",
-                interval=0.25,
-            )
-            assert process.poll() is None, (tmp_path / "envoy.log").read_text()
-            requests = [request_from_folder_frame(f, max_points=MAX_POINTS) for f in tum_folder_frames]
-            before = [r.metric("bifusion_frames_total") or 0.0 for r in tls_replicas]
-            options = {"tls_ca": secrets / "ca.crt", "tls_server_name": "bifusion-serve"}
-            with BiFusionClient(f"127.0.0.1:{listen}", **options) as client:
-                for i in range(6):
-                    assert (
-                        client.encode_request(requests[i % len(requests)], timeout=120).num_points
-                        == MAX_POINTS
-                    )
-            served = [
-                (r.metric("bifusion_frames_total") or 0.0) - b
-                for r, b in zip(tls_replicas, before, strict=True)
-            ]
-            assert sum(served) == 6 and all(n > 0 for n in served), served
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-
-
-def _all_healthy(cluster_health, admin: int) -> bool:
-    try:
-        view = cluster_health(admin)
-    except OSError:
-        return False
-    return len(view) == 2 and set(view.values()) == {"healthy"}
+    with running_envoy(config, tmp_path, admin):
+        requests = [request_from_folder_frame(f, max_points=MAX_POINTS) for f in tum_folder_frames]
+        before = [r.metric("bifusion_frames_total") or 0.0 for r in tls_replicas]
+        options = {"tls_ca": secrets / "ca.crt", "tls_server_name": "bifusion-serve"}
+        with BiFusionClient(f"127.0.0.1:{listen}", **options) as client:
+            for i in range(6):
+                assert (
+                    client.encode_request(requests[i % len(requests)], timeout=120).num_points == MAX_POINTS
+                )
+        served = [
+            (r.metric("bifusion_frames_total") or 0.0) - b for r, b in zip(tls_replicas, before, strict=True)
+        ]
+        assert sum(served) == 6 and all(n > 0 for n in served), served
