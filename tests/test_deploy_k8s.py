@@ -425,12 +425,19 @@ exec "$@"
 """
 
 
-def _user_namespaces_work() -> bool:
+def _can_make_root_read_only(cache: str) -> bool:
+    """unshare and unprivileged user namespaces exist, and nothing the server needs lives
+    under /tmp (the tmpfs hides it)."""
     unshare = shutil.which("unshare")
-    if not unshare:
+    if not unshare or any(str(p).startswith("/tmp/") for p in (sys.prefix, sys.executable, cache, ROOT)):
         return False
     probe = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", "mount -o remount,bind,ro /"]
     return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+def _demo_cache() -> str:
+    """Where this machine keeps the demo checkpoint (the pod makes it in its emptyDir)."""
+    return os.environ.get("BIFUSION_CACHE_DIR") or str(Path.home() / ".cache" / "bifusion")
 
 
 @contextlib.contextmanager
@@ -440,8 +447,7 @@ def pod_like_server(docs, log_path: Path, read_only: bool):
     root filesystem where only the pod's writable volumes can be written."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIFUSION_")}
     env.update(encoder_env(docs))
-    # The demo checkpoint this machine already has (the pod makes it in its emptyDir).
-    cache = os.environ.get("BIFUSION_CACHE_DIR") or str(Path.home() / ".cache" / "bifusion")
+    cache = _demo_cache()
     env["BIFUSION_CACHE_DIR"] = "/tmp/.pod-cache" if read_only else cache
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(port),
@@ -468,9 +474,11 @@ def test_the_pod_environment_against_the_real_server(rendered, tmp_path, tum_fol
     docs = rendered["cpu"]
     container = encoder_container(docs)
     assert encoder_env(docs)["BIFUSION_CACHE_DIR"] == "/var/cache/bifusion"  # the pod's emptyDir
-    read_only = _user_namespaces_work()
+    read_only = _can_make_root_read_only(_demo_cache())
     if not read_only:
-        warnings.warn("no user namespaces here: the read-only root filesystem is not exercised", stacklevel=1)
+        warnings.warn(
+            "the read-only root filesystem is not exercised here (no user namespaces)", stacklevel=1
+        )
     log_path = tmp_path / "server.log"
     with pod_like_server(docs, log_path, read_only) as (process, address, metrics_address):
         seen = _health_until_serving(process, address, log_path)
