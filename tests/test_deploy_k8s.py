@@ -37,6 +37,8 @@ from serving_harness import (
     wait_until,
 )
 from test_deploy_envoy import loopback_config, running_envoy
+from test_deploy_prometheus import Prometheus
+from test_deploy_prometheus import loopback_config as prometheus_loopback_config
 
 from bifusion_client.api import BiFusionClient, balancing_service_config
 from bifusion_client.request import request_from_folder_frame
@@ -644,3 +646,69 @@ def test_tls_envoy_config_carries_tls_to_clients_and_to_tls_encoders(
             (r.metric("bifusion_frames_total") or 0.0) - b for r, b in zip(tls_replicas, before, strict=True)
         ]
         assert sum(served) == 6 and all(n > 0 for n in served), served
+
+
+# ---------------------------------------------------------------- the autoscaler's signal
+
+
+@contextlib.contextmanager
+def prometheus_scraping(metrics_port: int, target_labels: dict[str, str], workdir: Path):
+    """The real Prometheus with the shipped config, scraping one encoder whose series carry
+    ``target_labels`` (what Kubernetes discovery adds: namespace, pod)."""
+    port = free_port()
+    config = prometheus_loopback_config(metrics_port, port)
+    [encoder_job] = [job for job in config["scrape_configs"] if job["job_name"] == "bifusion-encoder"]
+    encoder_job["static_configs"][0]["labels"] = target_labels
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    command = [tool("prometheus"), f"--config.file={workdir / 'prometheus.yml'}", "--log.level=warn",
+               f"--storage.tsdb.path={workdir / 'tsdb'}",
+               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with open(workdir / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        wait_until(lambda: process.poll() is not None or _answers(server), 60, "Prometheus", interval=0.25)
+        assert process.poll() is None, (workdir / "prometheus.log").read_text()
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answers(server) -> bool:
+    try:
+        server.query("up")
+    except OSError:
+        return False
+    return True
+
+
+def test_autoscaler_metric_follows_the_backlog_of_its_namespace(encoder, tum_folder_frames, tmp_path):
+    """The adapter's query, as it runs for the HPA in namespace bifusion, over a real scrape:
+    0 while idle, above 0 while frames wait for a busy model, and nothing for another
+    namespace."""
+    [(_, query)] = adapter_queries()
+    spy = ModelSpy(encoder)
+    requests = [request_from_folder_frame(f, max_points=MAX_POINTS) for f in tum_folder_frames]
+    labels = {"namespace": "bifusion", "pod": "bifusion-encoder-0"}
+    with (
+        running_server(spy, max_batch_size=2) as live,
+        prometheus_scraping(live.server.metrics_port, labels, tmp_path) as prometheus,
+    ):
+        assert prometheus.wait_for(query, lambda v: True) == 0  # the series exists, idle
+        spy.gate.clear()  # the model is busy: everything after its first batch waits
+        spy.entered.clear()
+        with ThreadPoolExecutor(8) as pool, BiFusionClient(live.address) as client:
+            calls = [
+                pool.submit(client.encode_request, requests[i % len(requests)], timeout=300) for i in range(8)
+            ]
+            try:
+                assert spy.entered.wait(60)
+                # Every frame not in the held batch (1 or 2 frames) waits, as scraped.
+                depth = 'bifusion_queue_depth{namespace="bifusion"}'
+                prometheus.wait_for(depth, lambda v: v == len(calls) - len(spy.batches[-1]))
+                assert prometheus.wait_for(query, lambda v: v > 0) > 0
+            finally:
+                spy.gate.set()
+            assert all(call.result(300).num_points == MAX_POINTS for call in calls)
+        assert prometheus.query(query.replace('namespace="bifusion"', 'namespace="elsewhere"')) == []
