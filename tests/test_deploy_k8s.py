@@ -231,6 +231,19 @@ def test_prometheus_rule_passes_promtool(rendered, tmp_path):
     assert jobs == set(services), (jobs, services)
 
 
+def test_service_monitor_scrapes_every_encoders_metrics_port(rendered):
+    """No CRD schema offline: the ServiceMonitor is checked against what it points at."""
+    docs = rendered["gpu-production"]
+    [monitor] = objects(docs, "ServiceMonitor").values()
+    [(name, service)] = _selected(objects(docs, "Service"), monitor["spec"]["selector"]).items()
+    assert name == "bifusion-encoder" and service["spec"]["clusterIP"] == "None"
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    config = server_config(docs)
+    assert [ports[e["port"]] for e in monitor["spec"]["endpoints"]] == [config.metrics_port]
+    assert {"apiVersion", "kind", "metadata", "spec"} == set(monitor)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+
+
 def _rule_exprs(rule: dict) -> list[tuple[str, str]]:
     return [(r.get("alert") or r["record"], r["expr"]) for g in rule["spec"]["groups"] for r in g["rules"]]
 
