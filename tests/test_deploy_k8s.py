@@ -626,6 +626,7 @@ def test_round_robin_client_spreads_calls_and_skips_a_draining_server(encoder, t
 @pytest.fixture
 def tls_replicas(encoder, secrets):
     tls = {"tls_cert": str(secrets / "tls.crt"), "tls_key": str(secrets / "tls.key")}
+    tls["token_file"] = str(secrets / "token")
     with running_server(encoder, **tls) as first, running_server(encoder, **tls) as second:
         yield [first, second]
 
@@ -633,8 +634,8 @@ def tls_replicas(encoder, secrets):
 def test_tls_envoy_config_carries_tls_to_clients_and_to_tls_encoders(
     rendered, secrets, tls_replicas, tmp_path, tum_folder_frames
 ):
-    """The production overlay's Envoy config, its replicas on loopback: a TLS client reaches
-    both TLS encoders through it, and Envoy's gRPC health checks pass over TLS."""
+    """The production overlay's Envoy config, its replicas on loopback: a TLS client with the
+    token reaches both TLS encoders through it, and Envoy's gRPC health checks pass over TLS."""
     text = one(rendered["gpu-production"], "ConfigMap", "bifusion-envoy")["data"]["envoy.yaml"]
     shipped = yaml.safe_load(text.replace("/etc/bifusion/tls/", f"{secrets}/"))
     listen, admin = free_port(), free_port()
@@ -649,7 +650,7 @@ def test_tls_envoy_config_carries_tls_to_clients_and_to_tls_encoders(
     with running_envoy(config, tmp_path, admin):
         requests = [request_from_folder_frame(f, max_points=MAX_POINTS) for f in tum_folder_frames]
         before = [r.metric("bifusion_frames_total") or 0.0 for r in tls_replicas]
-        options = {"tls_ca": secrets / "ca.crt", "tls_server_name": "bifusion-serve"}
+        options = {"tls_ca": secrets / "ca.crt", "tls_server_name": "bifusion-serve", "token": TOKEN}
         with BiFusionClient(f"127.0.0.1:{listen}", **options) as client:
             for i in range(6):
                 assert (
