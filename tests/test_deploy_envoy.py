@@ -4,9 +4,11 @@ replica that stops (gRPC health checks), and keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -99,12 +101,11 @@ def replicas(encoder):
         yield [first, second]
 
 
-@pytest.fixture
-def envoy(replicas, tmp_path):
-    listen, admin = free_port(), free_port()
-    ports = [int(r.address.rsplit(":", 1)[1]) for r in replicas]
+@contextlib.contextmanager
+def running_envoy(config: dict, tmp_path, admin: int) -> Iterator[subprocess.Popen]:
+    """Envoy on ``config`` (admin on port ``admin``), once it sees both replicas healthy."""
     path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(loopback_config(ports, listen, admin)))
+    path.write_text(yaml.safe_dump(config))
     log = open(tmp_path / "envoy.log", "wb")  # noqa: SIM115 - closed after the process
     process = subprocess.Popen(
         [tool("envoy"), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
@@ -119,11 +120,19 @@ def envoy(replicas, tmp_path):
             interval=0.25,
         )
         assert process.poll() is None, (tmp_path / "envoy.log").read_text()
-        yield f"127.0.0.1:{listen}", admin, ports
+        yield process
     finally:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def envoy(replicas, tmp_path):
+    listen, admin = free_port(), free_port()
+    ports = [int(r.address.rsplit(":", 1)[1]) for r in replicas]
+    with running_envoy(loopback_config(ports, listen, admin), tmp_path, admin):
+        yield f"127.0.0.1:{listen}", admin, ports
 
 
 def _safe_health(admin: int) -> dict[str, str]:

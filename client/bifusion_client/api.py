@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -31,6 +32,10 @@ class BiFusionClient:
     TLS is on when ``tls_ca`` (the CA that signed the server's certificate; PEM path) or a
     client certificate is given, or ``tls=True`` (system roots). ``tls_cert``/``tls_key`` present
     a client certificate (mTLS). ``token`` goes as ``authorization: Bearer <token>``.
+
+    ``load_balancing="round_robin"`` spreads calls over every address ``address`` resolves to
+    (e.g. ``dns:///bifusion-encoder:50051``, a Kubernetes headless Service): see
+    :func:`balancing_service_config`.
     """
 
     def __init__(
@@ -44,11 +49,14 @@ class BiFusionClient:
         tls_server_name: str | None = None,
         tls: bool = False,
         timeout: float | None = None,
+        load_balancing: str | None = None,
     ):
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        if load_balancing:
+            options += balancing_options(load_balancing, max_message_bytes)
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls or tls_ca or tls_cert:
@@ -110,6 +118,51 @@ class BiFusionClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+LOAD_BALANCING_POLICIES = ("round_robin",)
+
+
+def balancing_service_config(policy: str) -> dict:
+    """gRPC service config for client-side balancing over several servers.
+
+    - ``round_robin``: one subchannel per resolved address, calls rotated over them.
+    - ``healthCheckConfig``: each subchannel watches grpc.health.v1, so a server that is
+      loading, warming up or draining (NOT_SERVING) gets no new calls.
+    - a retry on UNAVAILABLE: the answer a draining server gives before its model sees the
+      call, so trying another server is safe.
+    """
+    if policy not in LOAD_BALANCING_POLICIES:
+        raise ValueError(
+            f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)}, not {policy!r}"
+        )
+    return {
+        "loadBalancingConfig": [{policy: {}}],
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [
+            {
+                "name": [{"service": pb.DESCRIPTOR.services_by_name["BiFusionEncoder"].full_name}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+
+
+def balancing_options(policy: str, max_message_bytes: int) -> list[tuple[str, object]]:
+    """Channel options for :func:`balancing_service_config`. A call can be retried only
+    while its request is buffered: the buffers must hold a whole frame (MBs)."""
+    return [
+        ("grpc.service_config", json.dumps(balancing_service_config(policy))),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ("grpc.retry_buffer_size", 4 * max_message_bytes),
+    ]
 
 
 def _read(path: str | Path | None) -> bytes | None:
