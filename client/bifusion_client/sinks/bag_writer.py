@@ -35,6 +35,7 @@ class BagWriter:
         self.format = bag_format_for(path, fmt)
         if self.path.exists():
             raise FileExistsError(f"--out-bag: {self.path} exists already; bags are never overwritten")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.format == "ros1":
             from rosbags.rosbag1 import Writer
 
