@@ -21,23 +21,25 @@ NOT_VALID_GREY = (70, 70, 70)
 def point_owner(point_indices: np.ndarray, has_depth: np.ndarray) -> np.ndarray:
     """For every pixel (H×W), the point that stands for it, or -1.
 
-    The server keeps an even stride of the depth pixels in raster order, so a pixel with depth
-    belongs to the nearest point before it on the same row, if that point is no further than
-    twice the usual stride: the picture is filled, not a scatter of dots.
+    Each point owns its own pixel; the pixels with depth around it are given to the nearest
+    point (growing every point's square one pixel per round, as far as the points' spacing
+    needs), so the picture is filled, not a scatter of dots, and holes in the depth stay black.
     """
     height, width = has_depth.shape
-    order = np.argsort(point_indices, kind="stable")
-    sorted_indices = point_indices[order]
-    pixels = np.arange(height * width)
-    before = np.searchsorted(sorted_indices, pixels, side="right") - 1
-    found = before >= 0
-    nearest = sorted_indices[np.maximum(before, 0)]
-    gaps = np.diff(sorted_indices)
-    max_gap = 2 * max(1, int(np.median(gaps))) if gaps.size else 1
-    owned = (
-        found & has_depth.reshape(-1) & (pixels - nearest <= max_gap) & (nearest // width == pixels // width)
-    )
-    return np.where(owned, order[np.maximum(before, 0)], -1).reshape(height, width)
+    owner = np.full((height, width), -1, dtype=np.int64)
+    v, u = np.divmod(point_indices, width)
+    owner[v, u] = np.arange(len(point_indices))
+    spacing = np.sqrt(max(int(has_depth.sum()), 1) / max(len(point_indices), 1))
+    for _ in range(int(np.clip(np.ceil(spacing), 1, 12))):
+        grown = owner.copy()
+        for dv, du in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+            source = owner[max(dv, 0) : height + min(dv, 0), max(du, 0) : width + min(du, 0)]
+            target = grown[max(-dv, 0) : height + min(-dv, 0), max(-du, 0) : width + min(-du, 0)]
+            np.copyto(target, source, where=(target < 0) & (source >= 0))
+        owner = grown
+    owner[~has_depth] = -1
+    owner[v, u] = np.arange(len(point_indices))  # a point's own pixel is always its own
+    return owner
 
 
 def paint(owner: np.ndarray, colors: np.ndarray) -> np.ndarray:

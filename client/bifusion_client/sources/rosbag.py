@@ -151,7 +151,15 @@ def _world_frame(tf: TfTree, world_frame: str | None, camera: str, warn) -> str 
         raise ValueError(
             f"--camera-frame: {camera!r} is not in the bag's tf tree ({', '.join(sorted(tf.frames))})"
         )
-    return world_frame or tf.root(camera)
+    if world_frame is None:
+        return tf.root(camera)
+    if world_frame.lstrip("/") not in tf.frames:
+        raise ValueError(
+            f"--world-frame: {world_frame!r} is not in the bag's tf tree ({', '.join(sorted(tf.frames))})"
+        )
+    if tf.root(world_frame) != tf.root(camera):
+        raise ValueError(f"--world-frame: tf does not connect {world_frame!r} to the camera frame {camera!r}")
+    return world_frame
 
 
 def _frames(reader, by_topic, color_topic, depth_topic, index, pairs, intrinsics, rectified,
