@@ -3,9 +3,9 @@ PointCloud2 bag, pictures, Rerun), over real gRPC on loopback, checked against t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,9 +74,6 @@ def test_encode_a_bag_into_every_output(live, encoder, bag, tmp_path):
             "--depth-topic", DEPTH_TOPIC, "--max-points", str(MAX_POINTS), "--float16", "--stream",
             "--out-dir", str(out["npz"]), "--ply", str(out["ply"]), "--pictures", str(out["pictures"]),
             "--out-bag", str(tmp_path / "clouds.bag")]  # fmt: skip
-    have_rerun = importlib.util.find_spec("rerun") is not None  # the optional [rerun] extra
-    if have_rerun:
-        args += ["--rerun", str(tmp_path / "run.rrd")]
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
@@ -142,11 +139,15 @@ def test_encode_a_bag_into_every_output(live, encoder, bag, tmp_path):
         owner = point_owner(npz["point_indices"], frame.depth > 0)
         assert (owner >= 0).mean() > 0.5  # filled, not a scatter of dots
         np.testing.assert_array_equal(panels[3][owner < 0], 0)
-    if have_rerun:
-        check_rerun(tmp_path / "run.rrd", len(frames))
 
 
-def check_rerun(path, frames: int) -> None:
+def test_encode_writes_a_rerun_recording(live, bag, tmp_path):
+    pytest.importorskip("rerun", reason="the [rerun] extra (rerun-sdk) is not installed")
+    path = tmp_path / "run.rrd"
+    done = cli("encode", "--address", live.address, "--bag", str(bag), "--color-topic", COLOR_TOPIC,
+               "--depth-topic", DEPTH_TOPIC, "--max-points", "500", "--limit", "2",
+               "--rerun", str(path))  # fmt: skip
+    assert done.returncode == 0, done.stderr
     assert path.read_bytes()[:4] == b"RRF2"  # an .rrd
     try:
         from rerun.chunk import RrdReader
@@ -156,7 +157,55 @@ def check_rerun(path, frames: int) -> None:
     for chunk in RrdReader(path).stream().to_chunks():
         rows[chunk.entity_path] = rows.get(chunk.entity_path, 0) + chunk.num_rows
     for entity in ("/world/camera/image", "/world/points/pca", "/world/points/alpha"):
-        assert rows.get(entity) == frames, (entity, rows)
+        assert rows.get(entity) == 2, (entity, rows)
+
+
+def fake_result(n: int, rng):
+    features = rng.normal(size=(n, 256)).astype(np.float32)
+    return SimpleNamespace(
+        features=features / np.linalg.norm(features, axis=1, keepdims=True),
+        points_world=rng.normal(size=(n, 3)).astype(np.float32),
+        alpha=rng.uniform(size=n).astype(np.float32),
+        valid=rng.uniform(size=n) > 0.3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "storage"), [("out_mcap", None, "mcap"), ("out_db", "sqlite3", "sqlite3")]
+)
+def test_pointcloud2_into_ros2_bags(tmp_path, rng, name, fmt, storage):
+    from bifusion_client.sinks.pointcloud2 import PointCloud2Sink
+
+    pca = FeaturePCA()
+    sink = PointCloud2Sink(tmp_path / name, pca, world_frame="map", topic="/features", fmt=fmt)
+    results = [fake_result(300, rng), fake_result(200, rng)]
+    for stamp, result in zip((10.5, 10.6), results, strict=True):
+        sink.write(SimpleNamespace(stamp=stamp, world_frame="odom"), result)
+    sink.close()
+    assert "storage_identifier: " + storage in (tmp_path / name / "metadata.yaml").read_text()
+    clouds = read_clouds(tmp_path / name)
+    got = [(topic, msg.header.frame_id, msg.width) for topic, msg in clouds]
+    assert got == [("/features", "map", 300), ("/features", "map", 200)]  # --world-frame wins
+    for (_, msg), result in zip(clouds, results, strict=True):
+        points = cloud_arrays(msg)
+        np.testing.assert_array_equal(points["alpha"], result.alpha)
+        np.testing.assert_array_equal(points["valid"], result.valid)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        PointCloud2Sink(tmp_path / name, pca)
+
+
+def test_pca_colours_are_fitted_once_and_deterministic(rng):
+    first, second = fake_result(400, rng).features, fake_result(400, rng).features
+    pca = FeaturePCA()
+    a = pca.colors(first)
+    b = pca.colors(second)  # the first frame's fit, not a new one
+    np.testing.assert_array_equal(b, FeaturePCA().fit(first).colors(second))
+    assert not np.array_equal(b, FeaturePCA().fit(second).colors(second))
+    np.testing.assert_array_equal(a, FeaturePCA().fit(first).colors(first))  # no sign flips between runs
+    assert a.dtype == np.uint8 and a.shape == (400, 3) and a.min() == 0 and a.max() == 255
+    np.testing.assert_array_equal(
+        heat_colors(np.array([0.0, 1.0, 2.0])), [[0, 0, 4], [252, 255, 164], [252, 255, 164]]
+    )
 
 
 def test_encode_a_tum_sequence_to_npz(live, tmp_path):
