@@ -96,10 +96,10 @@ def _rosbag2_writer(path: Path, fmt: str):
 
     try:
         from rosbags.rosbag2 import StoragePlugin
-    except ImportError:  # rosbags < 0.10 (the last for Python 3.9) writes sqlite3 only
+    except ImportError:  # rosbags 0.9 (the last for Python 3.9) writes sqlite3 only
         if fmt != "sqlite3":
             raise ValueError(
-                "--out-bag-format mcap needs rosbags >= 0.10 (Python >= 3.10); use sqlite3 or a .bag path"
+                "--out-bag-format mcap needs a newer rosbags (Python >= 3.10); use sqlite3 or a .bag path"
             ) from None
         return Writer(path)
     plugin = StoragePlugin.MCAP if fmt == "mcap" else StoragePlugin.SQLITE3
