@@ -229,6 +229,15 @@ def test_encode_a_tum_sequence_to_npz(live, tmp_path):
     )
     assert float(first["stamp"]) == entries[0]["rgb_timestamp"]
 
+    # a source that fails half-way through a stream: the frames before it are written, and
+    # the error says what failed (not a bare CANCELLED from gRPC)
+    (seq / entries[1]["rgb"]).unlink()
+    done = cli("encode", "--address", live.address, "--tum", str(seq), "--stream", "--max-points", "300",
+               "--out-dir", str(tmp_path / "partial"))  # fmt: skip
+    assert done.returncode == 1 and entries[1]["rgb"].split("/")[-1] in done.stderr, done.stderr
+    assert "CANCELLED" not in done.stderr
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == ["1305031102.175304.npz"]
+
 
 def test_encode_needs_an_output_and_names_bad_flags(live, bag, tmp_path):
     done = cli("encode", "--address", live.address, "--bag", str(bag))

@@ -157,15 +157,14 @@ def frame_options(args) -> dict:
 
 
 def run_encode(args) -> int:
-    sinks = encode_io.open_sinks(args)
     options = frame_options(args)
     options["world_points"] = options["world_points"] or encode_io.wants_world_points(args)
     if args.color:
-        pose = parse_pose(args.pose) if args.pose else None
         request = _pair_request(args, **options)
-        work = iter([(encode_io.pair_frame(args, pose), request)])
+        work = iter([(encode_io.pair_frame(args, parse_pose(args.pose) if args.pose else None), request)])
     else:
         work = ((f, request_from_folder_frame(f, **options)) for f in encode_io.open_frames(args))
+    sinks = encode_io.open_sinks(args)
     try:
         with connect(args) as client:
             for frame, result in encode_io.encode_frames(client, work, args.stream):

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+
 from .sinks.bag_writer import BAG_FORMATS
 from .sinks.colors import FeaturePCA
 from .sinks.npz import NpzSink
@@ -163,11 +165,22 @@ def encode_frames(client, frames_and_requests, stream: bool) -> Iterator:
             yield frame, client.encode_request(request)
         return
     sent: deque = deque()  # frames whose requests gRPC has taken, awaiting their results
+    failed: list = []  # gRPC would turn an error of the source into a bare CANCELLED: keep it
 
     def requests():
-        for frame, request in frames_and_requests:
-            sent.append(frame)
-            yield request
+        try:
+            for frame, request in frames_and_requests:
+                sent.append(frame)
+                yield request
+        except Exception as error:  # end the stream cleanly; raised below, after the results
+            failed.append(error)
 
-    for result in client.encode_stream(requests()):
-        yield sent.popleft(), result
+    try:
+        for result in client.encode_stream(requests()):
+            yield sent.popleft(), result
+    except grpc.RpcError:
+        if failed:
+            raise failed[0] from None
+        raise
+    if failed:
+        raise failed[0]

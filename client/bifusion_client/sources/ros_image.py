@@ -82,5 +82,9 @@ def _field(msg, name: str) -> np.ndarray:
     return np.asarray(value, dtype=np.float64).reshape(-1)
 
 
+def stamp_nanoseconds(header) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
 def stamp_seconds(header) -> float:
-    return float(header.stamp.sec) + float(header.stamp.nanosec) * 1e-9
+    return stamp_nanoseconds(header) * 1e-9

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .frame import RGBDFrame
-from .ros_image import camera_matrix, color_from_image, depth_from_image, stamp_seconds
+from .ros_image import camera_matrix, color_from_image, depth_from_image, stamp_nanoseconds, stamp_seconds
 from .tf_tree import TfTree
 from .timing import DEFAULT_MAX_DIFFERENCE_S, associate
 
@@ -41,8 +41,8 @@ def import_rosbags():
 class BagIndex:
     """What the first pass learns."""
 
-    color: list = field(default_factory=list)  # (stamp, frame_id, width, height) per colour message
-    depth: list = field(default_factory=list)  # stamp per depth message
+    color: list = field(default_factory=list)  # (stamp ns, frame_id) per colour message
+    depth: list = field(default_factory=list)  # stamp ns per depth message
     infos: list = field(default_factory=list)  # (stamp, message) per CameraInfo
     tf: TfTree = field(default_factory=TfTree)
 
@@ -77,7 +77,9 @@ def read_rosbag(
         camera_info_topic = color_topic.rsplit("/", 1)[0] + "/camera_info"
     rectified = assume_rectified or "rect" in color_topic.rsplit("/", 1)[-1]
     with AnyReader(paths, default_typestore=get_typestore(Stores.ROS2_HUMBLE)) as reader:
-        by_topic = {c.topic: c for c in reader.connections}
+        by_topic: dict = {}
+        for connection in reader.connections:  # a topic may have several connections (publishers)
+            by_topic.setdefault(connection.topic, []).append(connection)
         _check_topic(by_topic, color_topic, IMAGE_TYPE, "--color-topic")
         _check_topic(by_topic, depth_topic, IMAGE_TYPE, "--depth-topic")
         if intrinsics is None:
@@ -85,15 +87,19 @@ def read_rosbag(
         index = _index(reader, by_topic, color_topic, depth_topic, camera_info_topic)
         if not index.color or not index.depth:
             raise ValueError(f"{path}: no messages on {color_topic if not index.color else depth_topic}")
-        pairs = associate([c[0] for c in index.color], index.depth, max_difference)
+        color_ns = np.asarray([c[0] for c in index.color], dtype=np.int64)
+        depth_ns = np.asarray(index.depth, dtype=np.int64)
+        pairs = associate(color_ns * 1e-9, depth_ns * 1e-9, max_difference)
         if not pairs:
             raise ValueError(
                 f"{path}: no colour image has a depth image within {max_difference} s (--max-time-difference)"
             )
         camera = camera_frame or index.color[0][1]
         world = _world_frame(index.tf, world_frame, camera, warn)
+        # images are matched across the two passes by topic and header stamp
+        depth_of = {int(color_ns[i]): int(depth_ns[j]) for i, j in pairs[:limit]}
         yield from _frames(
-            reader, by_topic, color_topic, depth_topic, index, pairs[:limit],
+            reader, by_topic, color_topic, depth_topic, index, depth_of,
             intrinsics, rectified, camera_info_topic, world, camera, warn,
         )  # fmt: skip
 
@@ -109,22 +115,24 @@ def _bag_paths(path: Path) -> list:
 
 def _check_topic(by_topic: dict, topic: str, msgtype: str, flag: str) -> None:
     if topic not in by_topic:
-        have = ", ".join(f"{t} ({c.msgtype})" for t, c in sorted(by_topic.items()))
+        have = ", ".join(f"{t} ({c[0].msgtype})" for t, c in sorted(by_topic.items()))
         raise ValueError(f"{flag}: topic {topic!r} is not in the bag; it has: {have}")
-    if by_topic[topic].msgtype != msgtype:
-        raise ValueError(f"{flag}: topic {topic!r} carries {by_topic[topic].msgtype}, not {msgtype}")
+    carried = {c.msgtype for c in by_topic[topic]}
+    if carried != {msgtype}:
+        raise ValueError(f"{flag}: topic {topic!r} carries {', '.join(sorted(carried))}, not {msgtype}")
 
 
 def _index(reader, by_topic, color_topic, depth_topic, info_topic) -> BagIndex:
     index = BagIndex()
-    wanted = [by_topic[t] for t in (color_topic, depth_topic, info_topic, *TF_TOPICS) if t in by_topic]
+    topics = (color_topic, depth_topic, info_topic, *TF_TOPICS)
+    wanted = [c for t in topics if t in by_topic for c in by_topic[t]]
     for connection, _, raw in reader.messages(connections=wanted):
         topic = connection.topic
         msg = reader.deserialize(raw, connection.msgtype)
         if topic == color_topic:
-            index.color.append((stamp_seconds(msg.header), msg.header.frame_id, msg.width, msg.height))
+            index.color.append((stamp_nanoseconds(msg.header), msg.header.frame_id))
         elif topic == depth_topic:
-            index.depth.append(stamp_seconds(msg.header))
+            index.depth.append(stamp_nanoseconds(msg.header))
         elif topic == info_topic:
             index.infos.append((stamp_seconds(msg.header), msg))
         elif connection.msgtype == TF_TYPE:
@@ -162,30 +170,27 @@ def _world_frame(tf: TfTree, world_frame: str | None, camera: str, warn) -> str 
     return world_frame
 
 
-def _frames(reader, by_topic, color_topic, depth_topic, index, pairs, intrinsics, rectified,
+def _frames(reader, by_topic, color_topic, depth_topic, index, depth_of, intrinsics, rectified,
             info_topic, world, camera, warn) -> Iterator[RGBDFrame]:  # fmt: skip
-    depth_of = dict(pairs)  # colour message number -> depth message number
-    color_of = {d: c for c, d in pairs}
+    color_of = {d: c for c, d in depth_of.items()}
     info_stamps = np.asarray([s for s, _ in index.infos])
     pending_color: dict = {}
     pending_depth: dict = {}
-    counts = {color_topic: 0, depth_topic: 0}
-    connections = [by_topic[color_topic], by_topic[depth_topic]]
-    for connection, _, raw in reader.messages(connections=connections):
-        number = counts[connection.topic]
-        counts[connection.topic] += 1
-        if connection.topic == color_topic and number in depth_of:
-            pending_color[number] = reader.deserialize(raw, connection.msgtype)
-            c = number
-        elif connection.topic == depth_topic and number in color_of:
-            pending_depth[number] = reader.deserialize(raw, connection.msgtype)
-            c = color_of[number]
+    for connection, _, raw in reader.messages(connections=by_topic[color_topic] + by_topic[depth_topic]):
+        msg = reader.deserialize(raw, connection.msgtype)
+        key = stamp_nanoseconds(msg.header)
+        if connection.topic == color_topic and key in depth_of:
+            pending_color[key] = msg
+            c = key
+        elif connection.topic == depth_topic and key in color_of:
+            pending_depth[key] = msg
+            c = color_of[key]
         else:
-            continue  # unpaired
+            continue  # not in a pair
         if c not in pending_color or depth_of[c] not in pending_depth:
             continue
         color_msg, depth_msg = pending_color.pop(c), pending_depth.pop(depth_of[c])
-        stamp = stamp_seconds(color_msg.header)
+        stamp = c * 1e-9
         pose = None
         if world is not None:
             try:
