@@ -9,29 +9,25 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import test_client_cli
 from bifusion_client.sinks.colors import FeaturePCA, heat_colors
 from bifusion_client.sinks.pictures import LABEL_HEIGHT, point_owner
 from bifusion_client.sinks.ply import PLY_DTYPE
 from conftest import TUM_DIR
 from PIL import Image
 from rosbag_data import COLOR_TOPIC, DEPTH_TOPIC, expected_pose, write_rgbd_bag
-from serving_harness import running_server
 from test_client_cli import cli
 
 from bifusion import EncodeOptions, Frame, Intrinsics
 
-rosbags = pytest.importorskip("rosbags", reason="the [ros] extra (rosbags) is not installed")
+NO_ROSBAGS = "the [ros] extra (rosbags) is not installed"
 MAX_POINTS = 2000
-
-
-@pytest.fixture(scope="module")
-def live(encoder):
-    with running_server(encoder) as live:
-        yield live
+live = test_client_cli.live  # the same module-scoped live server fixture
 
 
 @pytest.fixture(scope="module")
 def bag(tmp_path_factory):
+    pytest.importorskip("rosbags", reason=NO_ROSBAGS)
     return write_rgbd_bag(tmp_path_factory.mktemp("bag") / "in_mcap", TUM_DIR, "mcap", "bgr8", "16UC1")
 
 
@@ -174,6 +170,7 @@ def fake_result(n: int, rng):
     ("name", "fmt", "storage"), [("out_mcap", None, "mcap"), ("out_db", "sqlite3", "sqlite3")]
 )
 def test_pointcloud2_into_ros2_bags(tmp_path, rng, name, fmt, storage):
+    pytest.importorskip("rosbags", reason=NO_ROSBAGS)
     from bifusion_client.sinks.pointcloud2 import PointCloud2Sink
 
     pca = FeaturePCA()

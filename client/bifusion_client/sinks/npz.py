@@ -27,7 +27,7 @@ class NpzSink:
             arrays["features"] = result.features.astype(np.float16)  # exact: they were float16
         pose = frame.cam_to_world
         arrays.update(
-            image_size_wh=np.array([frame.width, frame.height], dtype=np.int64),
+            image_size_wh=np.array(frame.color.shape[1::-1], dtype=np.int64),
             intrinsics_fx_fy_cx_cy=np.array(
                 [frame.intrinsics[k] for k in ("fx", "fy", "cx", "cy")], dtype=np.float64
             ),

@@ -61,7 +61,7 @@ def frame_picture(frame, result, pca: FeaturePCA) -> Image.Image:
         (paint(owner, alpha_colors), f"alpha 0..1 (dark..bright), gate mean {result.gate_mean:.3f}"),
         (paint(owner, pca.colors(result.features)), "features: PCA to RGB (fit on the first frame)"),
     ]
-    height, width = frame.height, frame.width
+    height, width = frame.color.shape[:2]
     canvas = Image.new("RGB", (width * len(panels), height + LABEL_HEIGHT), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()

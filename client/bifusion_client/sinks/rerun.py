@@ -33,14 +33,15 @@ class RerunSink:
         self._number += 1
         pose = np.eye(4) if frame.cam_to_world is None else np.asarray(frame.cam_to_world)
         k = frame.intrinsics
+        height, width = frame.color.shape[:2]
         rec.log("world/camera", rr.Transform3D(translation=pose[:3, 3], mat3x3=pose[:3, :3]))
         rec.log(
             "world/camera",
             rr.Pinhole(
                 focal_length=[k["fx"], k["fy"]],
                 principal_point=[k["cx"], k["cy"]],
-                width=frame.width,
-                height=frame.height,
+                width=width,
+                height=height,
                 camera_xyz=rr.ViewCoordinates.RDF,  # x right, y down, z forward
             ),
         )

@@ -26,14 +26,6 @@ class RGBDFrame:
     stamp: float | None = None
     world_frame: str | None = None  # the name of the pose's world frame, when the source knows it
 
-    @property
-    def height(self) -> int:
-        return int(self.color.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.color.shape[1])
-
     def depth_metres(self) -> np.ndarray:
         """Depth as float32 metres, NaN where there is no reading."""
         if self.depth.dtype == np.uint16:
