@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--depth-scale", type=float, default=1000.0, help="metres = value / scale (default 1000)"
     )
     for name in ("fx", "fy", "cx", "cy"):
-        encode.add_argument(f"--{name}", type=float, help=f"intrinsics {name} in pixels (with --color)")
+        encode.add_argument(
+            f"--{name}",
+            type=float,
+            help=f"intrinsics {name} in pixels (needed with --color; replaces the source's)",
+        )
     encode.add_argument("--pose", nargs="+", help="cam_to_world: 16 numbers row-major, or a .npy/.txt file")
     encode.add_argument("--frame-id", help="frame id (with --color; default: the file name)")
     encode.add_argument(
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="intrinsics set of frames.json, or of TUM (with --tum)",
     )
     encode.add_argument("--limit", type=int, help="encode the first LIMIT frames of the source")
-    encode.add_argument("--stream", action="store_true", help="send the folder over one EncodeStream call")
+    encode.add_argument("--stream", action="store_true", help="send the frames over one EncodeStream call")
     encode_io.add_source_options(encode, source)
     encode_io.add_output_options(encode)
     _add_frame_options(encode)

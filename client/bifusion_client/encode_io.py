@@ -31,49 +31,82 @@ OUTPUT_FLAGS = ("--out-dir", "--ply", "--pictures", "--out-bag", "--rerun")
 
 def add_source_options(parser: argparse.ArgumentParser, sources) -> None:
     """``--bag`` and ``--tum`` join the ``sources`` exclusive group; their options get a group."""
-    sources.add_argument("--bag", type=Path, help="ROS 1 bag, ROS 2 bag folder or MCAP file (needs [ros])")
     sources.add_argument(
-        "--tum", type=Path, help="TUM RGB-D sequence folder (rgb.txt, depth.txt, groundtruth.txt)"
+        "--bag", type=Path, metavar="PATH", help="ROS 1 bag, ROS 2 bag folder or MCAP file (needs [ros])"
+    )
+    sources.add_argument(
+        "--tum",
+        type=Path,
+        metavar="DIR",
+        help="TUM RGB-D sequence folder (rgb.txt, depth.txt, groundtruth.txt)",
     )
     group = parser.add_argument_group("ROS bag and TUM input")
-    group.add_argument("--color-topic", default=DEFAULT_COLOR_TOPIC, help="sensor_msgs/Image, rgb8 or bgr8")
     group.add_argument(
-        "--depth-topic", default=DEFAULT_DEPTH_TOPIC,
-        help="sensor_msgs/Image registered to the colour image, 16UC1 (mm) or 32FC1 (m)",
+        "--color-topic",
+        default=DEFAULT_COLOR_TOPIC,
+        metavar="TOPIC",
+        help="sensor_msgs/Image, rgb8 or bgr8 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--depth-topic", default=DEFAULT_DEPTH_TOPIC, metavar="TOPIC",
+        help="sensor_msgs/Image registered to the colour image: 16UC1 (mm) or 32FC1 (m) "
+        "(default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
-        "--camera-info-topic", help="sensor_msgs/CameraInfo (default: the colour topic's camera_info)"
+        "--camera-info-topic",
+        metavar="TOPIC",
+        help="sensor_msgs/CameraInfo (default: the colour topic's camera_info)",
     )
     group.add_argument(
-        "--world-frame", help="tf frame of the poses (default: the root of the camera's tf tree)"
+        "--world-frame",
+        metavar="FRAME",
+        help="tf frame of the poses (default: the root of the camera's tf tree)",
     )
-    group.add_argument("--camera-frame", help="tf frame of the camera (default: the colour image's frame_id)")
+    group.add_argument(
+        "--camera-frame",
+        metavar="FRAME",
+        help="tf frame of the camera (default: the colour image's frame_id)",
+    )
     group.add_argument(
         "--assume-rectified", action="store_true",
         help="the images are undistorted though CameraInfo lists distortion (implied by image_rect* topics)",
     )  # fmt: skip
     group.add_argument(
-        "--max-time-difference", type=float, default=DEFAULT_MAX_DIFFERENCE_S,
-        help="seconds between a colour image and its depth image",
+        "--max-time-difference", type=float, default=DEFAULT_MAX_DIFFERENCE_S, metavar="SECONDS",
+        help="most seconds between a colour image and its depth image (default: %(default)s)",
     )  # fmt: skip
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs (at least one)")
-    group.add_argument("--out-dir", "--out", dest="out", type=Path, help="one compressed .npz per frame")
-    group.add_argument("--ply", type=Path, help="folder for one binary PLY per frame (world xyz)")
     group.add_argument(
-        "--pictures", type=Path, help="folder for one PNG per frame: colour, valid, alpha, PCA"
+        "--out-dir", "--out", dest="out", type=Path, metavar="DIR", help="one compressed .npz per frame"
     )
     group.add_argument(
-        "--out-bag", type=Path, help="bag of sensor_msgs/PointCloud2, one per frame (needs [ros])"
+        "--ply", type=Path, metavar="DIR", help="folder for one binary PLY per frame (world xyz)"
+    )
+    group.add_argument(
+        "--pictures", type=Path, metavar="DIR", help="folder for one PNG per frame: colour, valid, alpha, PCA"
+    )
+    group.add_argument(
+        "--out-bag",
+        type=Path,
+        metavar="PATH",
+        help="bag of sensor_msgs/PointCloud2, one per frame (needs [ros])",
     )
     group.add_argument(
         "--out-bag-format", choices=BAG_FORMATS,
         help="default: ros1 for a *.bag path, else a ROS 2 bag folder in mcap",
     )  # fmt: skip
-    group.add_argument("--out-topic", default=DEFAULT_TOPIC, help="topic of the point clouds in --out-bag")
-    group.add_argument("--rerun", type=Path, help="Rerun recording to write (.rrd; needs [rerun])")
+    group.add_argument(
+        "--out-topic",
+        metavar="TOPIC",
+        default=DEFAULT_TOPIC,
+        help="topic of the point clouds in --out-bag (default: %(default)s)",
+    )
+    group.add_argument(
+        "--rerun", type=Path, metavar="FILE", help="Rerun recording to write (.rrd; needs [rerun])"
+    )
 
 
 def wants_world_points(args) -> bool:
