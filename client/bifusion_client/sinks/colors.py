@@ -44,6 +44,8 @@ class FeaturePCA:
         self.axes: np.ndarray | None = None  # 3×D
         self.low: np.ndarray | None = None
         self.high: np.ndarray | None = None
+        self._offset: np.ndarray | None = None  # mean · axes, subtracted after the projection
+        self._last: tuple | None = None
 
     @property
     def fitted(self) -> bool:
@@ -60,15 +62,22 @@ class FeaturePCA:
         # an axis' sign is arbitrary: fix it so that its largest loading is positive
         signs = np.sign(axes[np.arange(3), np.argmax(np.abs(axes), axis=1)])
         self.axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
+        self._offset = (self.mean @ self.axes.T).astype(np.float32)
         projected = (x - self.mean) @ self.axes.T
         self.low = np.percentile(projected, 1, axis=0)
         self.high = np.percentile(projected, 99, axis=0)
         return self
 
     def colors(self, features: np.ndarray) -> np.ndarray:
-        """N×3 uint8; fits on ``features`` first if nothing was fitted yet."""
+        """N×3 uint8; fits on ``features`` first if nothing was fitted yet. Every output asks for
+        the same frame's colours, so the last answer is kept."""
+        if self._last is not None and self._last[0] is features:
+            return self._last[1]
         if not self.fitted:
             self.fit(features)
-        projected = (np.asarray(features, dtype=np.float64) - self.mean) @ self.axes.T
+        # float32 projection: a 20 000 × 256 frame is not copied to float64
+        projected = np.asarray(features, dtype=np.float32) @ self.axes.T.astype(np.float32) - self._offset
         span = np.where(self.high > self.low, self.high - self.low, 1.0)
-        return np.round(np.clip((projected - self.low) / span, 0.0, 1.0) * 255.0).astype(np.uint8)
+        colors = np.round(np.clip((projected - self.low) / span, 0.0, 1.0) * 255.0).astype(np.uint8)
+        self._last = (features, colors)
+        return colors
