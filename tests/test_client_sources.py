@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,3 +196,27 @@ def test_folder_source_is_lazy_and_carries_stamps(tum_folder_frames, tmp_path):
         next(frames)  # the third image was read only now, after it had gone
     with pytest.raises(ValueError, match="--intrinsics-set: 'nope' is not in"):
         read_folder(TUM_DIR, intrinsics="nope")
+
+
+def test_sources_and_sinks_need_neither_torch_nor_scipy(tmp_path):
+    """What a robot installs: numpy, Pillow, grpcio, protobuf (rosbags and rerun only when asked)."""
+    script = f"""
+import sys
+for name in ("torch", "scipy", "bifusion", "rosbags", "rerun"):
+    sys.modules[name] = None  # any import of them now fails
+from bifusion_client import encode_io
+from bifusion_client.sinks import colors, npz, pictures, ply, pointcloud2, rerun
+from bifusion_client.sources import read_folder
+frame = next(read_folder({str(TUM_DIR)!r}))
+print(frame.frame_id)
+try:
+    pointcloud2.PointCloud2Sink({str(tmp_path / "x.bag")!r}, colors.FeaturePCA())
+except ImportError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1305031102.175304",
+        "writing bags needs the rosbags package: pip install 'bifusion-client[ros]'",
+    ]
