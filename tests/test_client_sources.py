@@ -213,10 +213,19 @@ try:
     pointcloud2.PointCloud2Sink({str(tmp_path / "x.bag")!r}, colors.FeaturePCA())
 except ImportError as error:
     print(error)
+from bifusion_client.cli import main
+try:  # the CLI says which extra to install, in one line
+    main(["encode", "--address", "127.0.0.1:9", "--bag", {str(TUM_DIR)!r}, "--out-dir", {str(tmp_path)!r}])
+except SystemExit as exit:
+    print("exit", exit.code)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "1305031102.175304",
         "writing bags needs the rosbags package: pip install 'bifusion-client[ros]'",
+        "exit 1",
     ]
+    assert (
+        done.stderr == "error: reading bags needs the rosbags package: pip install 'bifusion-client[ros]'\n"
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ..extras import require
+
 BAG_FORMATS = ("ros1", "sqlite3", "mcap")
 # ROS 1's typestore lacks tf2_msgs; this is its definition (same md5 as ROS's own).
 _TF_MESSAGE_DEFINITION = "geometry_msgs/TransformStamped[] transforms\n"
@@ -25,12 +27,7 @@ class BagWriter:
     names); ``write(topic, msg, stamp)`` appends it, ``stamp`` in seconds."""
 
     def __init__(self, path: str | Path, fmt: str | None = None):
-        try:
-            from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-        except ImportError:
-            raise ImportError(
-                "writing bags needs the rosbags package: pip install 'bifusion-client[ros]'"
-            ) from None
+        typesys = require("rosbags.typesys", "ros", "writing bags")
         self.path = Path(path)
         self.format = bag_format_for(path, fmt)
         if self.path.exists():
@@ -39,11 +36,13 @@ class BagWriter:
         if self.format == "ros1":
             from rosbags.rosbag1 import Writer
 
-            self.typestore = get_typestore(Stores.ROS1_NOETIC)
-            self.typestore.register(get_types_from_msg(_TF_MESSAGE_DEFINITION, "tf2_msgs/msg/TFMessage"))
+            self.typestore = typesys.get_typestore(typesys.Stores.ROS1_NOETIC)
+            self.typestore.register(
+                typesys.get_types_from_msg(_TF_MESSAGE_DEFINITION, "tf2_msgs/msg/TFMessage")
+            )
             self._writer = Writer(self.path)
         else:
-            self.typestore = get_typestore(Stores.ROS2_HUMBLE)
+            self.typestore = typesys.get_typestore(typesys.Stores.ROS2_HUMBLE)
             self._writer = _rosbag2_writer(self.path, self.format)
         self._writer.open()
         self._connections: dict = {}

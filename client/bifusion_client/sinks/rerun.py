@@ -7,17 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import require
 from .colors import FeaturePCA, heat_colors
 
 
 class RerunSink:
     def __init__(self, path: str | Path, pca: FeaturePCA, application_id: str = "bifusion"):
-        try:
-            import rerun as rr
-        except ImportError:
-            raise ImportError(
-                "--rerun needs the rerun-sdk package: pip install 'bifusion-client[rerun]'"
-            ) from None
+        rr = require("rerun", "rerun", "--rerun")
         self.rr = rr
         self.pca = pca
         self.recording = rr.RecordingStream(application_id)

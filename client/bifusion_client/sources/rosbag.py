@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import require
 from .frame import RGBDFrame
 from .ros_image import camera_matrix, color_from_image, depth_from_image, stamp_nanoseconds, stamp_seconds
 from .tf_tree import TfTree
@@ -27,14 +28,9 @@ TF_TOPICS = ("/tf", "/tf_static")
 
 
 def import_rosbags():
-    try:
-        from rosbags.highlevel import AnyReader
-        from rosbags.typesys import Stores, get_typestore
-    except ImportError:
-        raise ImportError(
-            "reading bags needs the rosbags package: pip install 'bifusion-client[ros]'"
-        ) from None
-    return AnyReader, Stores, get_typestore
+    highlevel = require("rosbags.highlevel", "ros", "reading bags")
+    typesys = require("rosbags.typesys", "ros", "reading bags")
+    return highlevel.AnyReader, typesys.Stores, typesys.get_typestore
 
 
 @dataclass
