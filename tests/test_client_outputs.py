@@ -133,7 +133,9 @@ def test_encode_a_bag_into_every_output(live, encoder, bag, tmp_path):
         np.testing.assert_array_equal(panels[2][v[valid], u[valid]], heat_colors(npz["alpha"][valid]))
         np.testing.assert_array_equal(panels[3][v, u], colors)
         owner = point_owner(npz["point_indices"], frame.depth > 0)
-        assert (owner >= 0).mean() > 0.5  # filled, not a scatter of dots
+        painted, has_depth = owner >= 0, frame.depth > 0
+        assert not np.any(painted & ~has_depth)  # holes in the depth stay black
+        assert painted[has_depth].mean() > 0.999  # filled, not a scatter of dots
         np.testing.assert_array_equal(panels[3][owner < 0], 0)
 
 

@@ -29,14 +29,18 @@ def point_owner(point_indices: np.ndarray, has_depth: np.ndarray) -> np.ndarray:
     owner = np.full((height, width), -1, dtype=np.int64)
     v, u = np.divmod(point_indices, width)
     owner[v, u] = np.arange(len(point_indices))
+    # the raster-order stride can line up over a few rows and leave gaps wider than the mean
+    # spacing: grow until every depth pixel is owned, but no further than three spacings
     spacing = np.sqrt(max(int(has_depth.sum()), 1) / max(len(point_indices), 1))
-    for _ in range(int(np.clip(np.ceil(spacing), 1, 12))):
+    for _ in range(int(np.clip(np.ceil(3 * spacing), 1, 32))):
         grown = owner.copy()
         for dv, du in ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1)):
             source = owner[max(dv, 0) : height + min(dv, 0), max(du, 0) : width + min(du, 0)]
             target = grown[max(-dv, 0) : height + min(-dv, 0), max(-du, 0) : width + min(-du, 0)]
             np.copyto(target, source, where=(target < 0) & (source >= 0))
         owner = grown
+        if not np.any((owner < 0) & has_depth):
+            break
     owner[~has_depth] = -1
     owner[v, u] = np.arange(len(point_indices))  # a point's own pixel is always its own
     return owner
