@@ -82,7 +82,13 @@ def test_encode_a_bag_into_every_output(live, encoder, bag, tmp_path):
     pca = FeaturePCA().fit(saved[0]["features"].astype(np.float32))  # fitted on the first frame only
     clouds = read_clouds(tmp_path / "clouds.bag")
     assert [topic for topic, _ in clouds] == ["/bifusion/points"] * 4
-    for frame, npz, line, (_, cloud) in zip(frames, saved, lines, clouds, strict=True):
+    # the encoder in-process, on the frames as read from the bag (millimetre depth), in one batch
+    encoded = encoder.encode(
+        [Frame(color=f.color, depth=f.depth, depth_scale=1000.0, cam_to_world=f.cam_to_world,
+               intrinsics=Intrinsics(**f.intrinsics)) for f in frames],
+        EncodeOptions(max_points=MAX_POINTS, return_points_world=True),
+    )  # fmt: skip
+    for frame, npz, line, (_, cloud), expected in zip(frames, saved, lines, clouds, encoded, strict=True):
         assert line["frame_id"] == frame.frame_id and line["path"] == str(
             out["npz"] / f"{frame.frame_id}.npz"
         )
@@ -93,12 +99,6 @@ def test_encode_a_bag_into_every_output(live, encoder, bag, tmp_path):
         np.testing.assert_allclose(npz["cam_to_world"], expected_pose(TUM_DIR, frame.stamp), atol=1e-6)
         assert bool(npz["has_pose"]) and float(npz["stamp"]) == pytest.approx(frame.stamp, abs=1e-6)
         assert float(npz["depth_scale"]) == 1000.0
-        # the features are the encoder's for this frame (as read from the bag: millimetre depth)
-        expected = encoder.encode(
-            [Frame(color=frame.color, depth=frame.depth, depth_scale=1000.0, cam_to_world=frame.cam_to_world,
-                   intrinsics=Intrinsics(**frame.intrinsics))],
-            EncodeOptions(max_points=MAX_POINTS, return_points_world=True),
-        )[0]  # fmt: skip
         np.testing.assert_allclose(npz["features"].astype(np.float32), expected.features, rtol=0, atol=2e-3)
         np.testing.assert_array_equal(npz["point_indices"], expected.point_indices)
         np.testing.assert_allclose(npz["points_world"], expected.points_world, rtol=0, atol=1e-5)
