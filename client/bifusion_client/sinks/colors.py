@@ -31,12 +31,16 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
+FIT_SAMPLE = 4096  # feature vectors of the first frame the PCA is fitted on
+
+
 class FeaturePCA:
     """Features -> RGB by their three principal components, fitted once and then reused.
 
     The fit (mean, axes, and the 1st-99th percentile range of each component, mapped to 0..255)
-    comes from the first frame it sees, so every later frame of the run is coloured by the same
-    projection and the colours are comparable across frames.
+    comes from the first frame it sees (an even sample of up to 4096 of its points), so every
+    later frame of the run is coloured by the same projection and the colours are comparable
+    across frames.
     """
 
     def __init__(self) -> None:
@@ -52,18 +56,22 @@ class FeaturePCA:
         return self.axes is not None
 
     def fit(self, features: np.ndarray) -> FeaturePCA:
-        x = np.asarray(features, dtype=np.float64)
+        x = np.asarray(features)
         if x.ndim != 2 or x.shape[0] < 2:
             raise ValueError(f"the PCA needs at least 2 feature vectors, got shape {x.shape}")
+        # an even sample of the frame is plenty for three axes, and keeps the fit in milliseconds
+        x = x[np.linspace(0, len(x) - 1, min(len(x), FIT_SAMPLE)).astype(np.int64)].astype(np.float64)
         self.mean = x.mean(axis=0)
-        _, _, vt = np.linalg.svd(x - self.mean, full_matrices=False)
+        centred = x - self.mean
+        _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
         axes = np.zeros((3, x.shape[1]))
-        axes[: min(3, len(vt))] = vt[:3]
+        top = vectors[:, ::-1][:, :3].T
+        axes[: len(top)] = top
         # an axis' sign is arbitrary: fix it so that its largest loading is positive
         signs = np.sign(axes[np.arange(3), np.argmax(np.abs(axes), axis=1)])
         self.axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
         self._offset = (self.mean @ self.axes.T).astype(np.float32)
-        projected = (x - self.mean) @ self.axes.T
+        projected = centred @ self.axes.T
         self.low = np.percentile(projected, 1, axis=0)
         self.high = np.percentile(projected, 99, axis=0)
         return self
