@@ -85,8 +85,10 @@ def write_rgbd_bag(
     depth_encoding: str = "16UC1",
     distortion=(0.0, 0.0, 0.0, 0.0, 0.0),
     with_tf: bool = True,
+    tf_after: float | None = None,
 ) -> Path:
-    """A bag of the five real frames: colour, depth, camera info and (optionally) tf."""
+    """A bag of the five real frames: colour, depth, camera info and (optionally) tf; the dynamic
+    tf only from ``tf_after`` (seconds) on when given."""
     with BagWriter(path, fmt) as bag:
         if with_tf:
             stamps, edges = odom_base_link(tum_dir)
@@ -97,6 +99,8 @@ def write_rgbd_bag(
             ]
             bag.write("/tf_static", bag.message("tf2_msgs/msg/TFMessage", transforms=static), first)
             for stamp, edge in zip(stamps, edges, strict=True):
+                if tf_after is not None and stamp < tf_after:
+                    continue
                 transform = _transform(bag, float(stamp), "odom", "base_link", edge)
                 bag.write("/tf", bag.message("tf2_msgs/msg/TFMessage", transforms=[transform]), float(stamp))
         fx, fy, cx, cy = ROS_DEFAULT_K

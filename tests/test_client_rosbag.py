@@ -4,6 +4,8 @@ within 1e-6 of the tf interpolation."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from conftest import TUM_DIR
@@ -12,6 +14,7 @@ from rosbag_data import (
     CAMERA_FRAME,
     COLOR_TOPIC,
     DEPTH_TOPIC,
+    T_WORLD_ODOM,
     depth_as,
     expected_pose,
     tum_frames,
@@ -64,15 +67,32 @@ def test_bag_frames_read_back_equal_the_originals(tmp_path, fmt, color_encoding,
         np.testing.assert_allclose(frame.cam_to_world, expected_pose(TUM_DIR, frame.stamp), rtol=0, atol=1e-6)
 
 
-def test_named_frames_and_a_colour_stamp_outside_tf(tmp_path):
+def test_world_frame_by_name_wider_pairing_and_mcap_files(tmp_path):
     path = write_rgbd_bag(bag_path(tmp_path, "mcap"), TUM_DIR, "mcap")
     frames = list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, world_frame="odom", camera_frame=CAMERA_FRAME))
     t_world_odom = expected_pose(TUM_DIR, frames[0].stamp) @ np.linalg.inv(frames[0].cam_to_world)
-    from rosbag_data import T_WORLD_ODOM
-
     np.testing.assert_allclose(t_world_odom, T_WORLD_ODOM, atol=1e-6)  # poses now relative to odom
+    assert frames[0].world_frame == "odom"
     # a wide pairing window pairs colour 2 with depth 1 as well; nothing is left out
     assert len(list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, max_difference=0.05))) == 5
+    # the .mcap file inside the bag folder, and the same file on its own (no metadata.yaml)
+    (mcap,) = path.glob("*.mcap")
+    for source in (mcap, shutil.copy(mcap, tmp_path / "bare.mcap")):
+        again = list(read_rosbag(source, COLOR_TOPIC, DEPTH_TOPIC))
+        assert len(again) == 4
+        np.testing.assert_array_equal(again[-1].color, frames[-1].color)
+        np.testing.assert_allclose(again[-1].cam_to_world, expected_pose(TUM_DIR, again[-1].stamp), atol=1e-6)
+
+
+def test_a_colour_image_before_the_first_tf_is_skipped_with_a_warning(tmp_path):
+    first_stamp = tum_frames(TUM_DIR)[0]["rgb_timestamp"]
+    path = write_rgbd_bag(bag_path(tmp_path, "ros1"), TUM_DIR, "ros1", tf_after=first_stamp + 0.01)
+    warnings = []
+    frames = list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, warn=warnings.append))
+    assert [f.frame_id for f in frames] == ["1305031102.211214", "1305031102.275326", "1305031102.311267"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("colour image at 1305031102.175304 skipped: no T_world_camera_rgb_optical_frame")
+    assert "tf 'odom' -> 'base_link': time 1305031102.175304 is outside the poses' span" in warnings[0]
 
 
 def test_bag_errors_name_the_flag(tmp_path):
