@@ -91,7 +91,7 @@ def test_a_colour_image_before_the_first_tf_is_skipped_with_a_warning(tmp_path):
     frames = list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, warn=warnings.append))
     assert [f.frame_id for f in frames] == ["1305031102.211214", "1305031102.275326", "1305031102.311267"]
     assert len(warnings) == 1
-    assert warnings[0].startswith("colour image at 1305031102.175304 skipped: no T_world_camera_rgb_optical_frame")
+    assert warnings[0].startswith("colour image at 1305031102.175304 skipped: no T_world_camera_rgb_optical")
     assert "tf 'odom' -> 'base_link': time 1305031102.175304 is outside the poses' span" in warnings[0]
 
 
