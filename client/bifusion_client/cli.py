@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
+from . import encode_io
 from .api import DEFAULT_MAX_MESSAGE_BYTES, BiFusionClient
 from .frames_folder import load_frames_folder
 from .loadgen import run_load
@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     encode = commands.add_parser(
-        "encode", parents=[connection], help="encode frames and write one .npz per frame",
-        description="Encode a folder described by frames.json, or one colour/depth pair, into "
-        "OUT/<frame_id>.npz (features, alpha, valid, point_indices, [points_world], stats).",
+        "encode", parents=[connection], help="encode frames: .npz, PLY, pictures, PointCloud2 bag, Rerun",
+        description="Encode a ROS bag, a TUM sequence, a folder described by frames.json, or one "
+        "colour/depth pair; write .npz, PLY, pictures, a PointCloud2 bag and/or a Rerun recording "
+        "(docs/robotics.md).",
     )  # fmt: skip
     source = encode.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", type=Path, help="folder with frames.json (TUM-style layout)")
@@ -78,13 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--depth-scale", type=float, default=1000.0, help="metres = value / scale (default 1000)"
     )
     for name in ("fx", "fy", "cx", "cy"):
-        encode.add_argument(f"--{name}", type=float, help=f"intrinsics {name} in pixels (with --color)")
+        encode.add_argument(
+            f"--{name}",
+            type=float,
+            help=f"intrinsics {name} in pixels (needed with --color; replaces the source's)",
+        )
     encode.add_argument("--pose", nargs="+", help="cam_to_world: 16 numbers row-major, or a .npy/.txt file")
     encode.add_argument("--frame-id", help="frame id (with --color; default: the file name)")
-    encode.add_argument("--intrinsics-set", default="ros_default", help="intrinsics set of frames.json")
-    encode.add_argument("--limit", type=int, help="encode the first LIMIT frames of the folder")
-    encode.add_argument("--stream", action="store_true", help="send the folder over one EncodeStream call")
-    encode.add_argument("--out", type=Path, required=True, help="output folder")
+    encode.add_argument(
+        "--intrinsics-set",
+        default="ros_default",
+        help="intrinsics set of frames.json, or of TUM (with --tum)",
+    )
+    encode.add_argument("--limit", type=int, help="encode the first LIMIT frames of the source")
+    encode.add_argument("--stream", action="store_true", help="send the frames over one EncodeStream call")
+    encode_io.add_source_options(encode, source)
+    encode_io.add_output_options(encode)
     _add_frame_options(encode)
     encode.set_defaults(run=run_encode)
 
@@ -151,31 +161,33 @@ def frame_options(args) -> dict:
 
 
 def run_encode(args) -> int:
-    requests = _folder_requests(args) if args.folder else [_pair_request(args)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with connect(args) as client:
-        results = client.encode_stream(requests) if args.stream else map(client.encode_request, requests)
-        for result in results:
-            path = args.out / f"{_safe_name(result.frame_id)}.npz"
-            np.savez(path, **result.arrays())
-            summary = {
-                "frame_id": result.frame_id,
-                "path": str(path),
-                "num_points": result.num_points,
-                "valid_ratio": round(result.valid_ratio, 6),
-                "gate_mean": round(result.gate_mean, 6),
-                "model_id": result.model_id,
-            }
-            print(json.dumps(summary), flush=True)
+    options = frame_options(args)
+    options["world_points"] = options["world_points"] or encode_io.wants_world_points(args)
+    if args.color:
+        request = _pair_request(args, **options)
+        work = iter([(encode_io.pair_frame(args, parse_pose(args.pose) if args.pose else None), request)])
+    else:
+        work = ((f, request_from_folder_frame(f, **options)) for f in encode_io.open_frames(args))
+    sinks = encode_io.open_sinks(args)
+    try:
+        with connect(args) as client:
+            for frame, result in encode_io.encode_frames(client, work, args.stream):
+                written = [sink.write(frame, result) for sink in sinks]
+                summary = {
+                    "frame_id": result.frame_id,
+                    "path": str(written[0]) if args.out else None,
+                    "num_points": result.num_points,
+                    "valid_ratio": round(result.valid_ratio, 6),
+                    "gate_mean": round(result.gate_mean, 6),
+                    "model_id": result.model_id,
+                }
+                print(json.dumps(summary), flush=True)
+    finally:
+        encode_io.close_sinks(sinks)
     return 0
 
 
-def _folder_requests(args):
-    frames = load_frames_folder(args.folder, intrinsics=args.intrinsics_set, limit=args.limit)
-    return [request_from_folder_frame(frame, **frame_options(args)) for frame in frames]
-
-
-def _pair_request(args):
+def _pair_request(args, **options):
     missing = [f"--{n}" for n in ("depth", "fx", "fy", "cx", "cy") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"--color needs {', '.join(missing)}")
@@ -186,7 +198,7 @@ def _pair_request(args):
         cam_to_world=parse_pose(args.pose) if args.pose else None,
         depth_scale=args.depth_scale,
         frame_id=args.frame_id or args.color.stem,
-        **frame_options(args),
+        **options,
     )
 
 
@@ -201,10 +213,6 @@ def parse_pose(values: Sequence[str]) -> np.ndarray:
     if pose.size != 16:
         raise ValueError(f"--pose needs 16 numbers (4×4 row-major), got {pose.size}")
     return pose.reshape(4, 4)
-
-
-def _safe_name(frame_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", frame_id) or "frame"
 
 
 def run_info(args) -> int:
