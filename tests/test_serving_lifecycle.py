@@ -25,9 +25,9 @@ from serving_harness import (
 )
 
 from bifusion import EncodeOptions
+from bifusion_wire import SERVICE_NAME
 from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
-from bifusion_wire import SERVICE_NAME
 
 HEALTH_NAMES = ("", SERVICE_NAME)
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from serving_harness import ModelSpy, health_status, running_server, wait_until
 
-from bifusion_client.request import request_from_folder_frame
 from bifusion_wire import encoder_pb2_grpc
+from bifusion_client.request import request_from_folder_frame
 
 MAX_POINTS = 500
 

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire import encoder_pb2_grpc, health
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import from_tensor
 

@@ -6,7 +6,10 @@ from bifusion_wire import encoder_pb2 as bifusion__wire_dot_encoder__pb2
 
 
 class BiFusionEncoderStub(object):
-    """Missing associated documentation comment in .proto file."""
+    """Encodes RGB-D frames into per-point features. Encoder RPCs need `authorization: Bearer
+    <token>` metadata when the server is started with a token; grpc.health.v1 and reflection
+    never do.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -32,7 +35,10 @@ class BiFusionEncoderStub(object):
 
 
 class BiFusionEncoderServicer(object):
-    """Missing associated documentation comment in .proto file."""
+    """Encodes RGB-D frames into per-point features. Encoder RPCs need `authorization: Bearer
+    <token>` metadata when the server is started with a token; grpc.health.v1 and reflection
+    never do.
+    """
 
     def EncodeFrame(self, request, context):
         """One frame, one response.
@@ -84,7 +90,10 @@ def add_BiFusionEncoderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BiFusionEncoder(object):
-    """Missing associated documentation comment in .proto file."""
+    """Encodes RGB-D frames into per-point features. Encoder RPCs need `authorization: Bearer
+    <token>` metadata when the server is started with a token; grpc.health.v1 and reflection
+    never do.
+    """
 
     @staticmethod
     def EncodeFrame(request,
