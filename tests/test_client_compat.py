@@ -40,9 +40,11 @@ def venv_bin(request):
     return runtime, client_venv(runtime, python)
 
 
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 300, python_protobuf: bool = False):
     # Outside the checkout and with a clean PYTHONPATH: only the installed distribution is seen.
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LC_ALL": "C.UTF-8"}
+    if python_protobuf:
+        env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
 
 
@@ -73,6 +75,25 @@ def test_runtime_has_the_versions_it_claims_and_no_torch(venv_bin):
     for pin in runtime.requirements:
         name, version = pin.split("==")
         assert found[name] == version, (name, found)
+
+
+def test_stubs_work_on_the_pure_python_protobuf_backend(venv_bin):
+    """Distro and source builds of protobuf may run without the C extension; -W error: no warnings."""
+    _, bin_dir = venv_bin
+    script = textwrap.dedent(
+        """
+        from google.protobuf.internal import api_implementation
+        assert api_implementation.Type() == "python", api_implementation.Type()
+        from bifusion_wire import encoder_pb2 as pb, encoder_pb2_grpc
+        request = pb.EncodeFrameRequest(frame_id="f", cam_to_world=[1.0] * 16)
+        request.options.occlusion_tau = 0.0
+        back = pb.EncodeFrameRequest.FromString(request.SerializeToString())
+        assert back == request and back.options.HasField("occlusion_tau")
+        print("ok")
+        """
+    )
+    done = run([str(bin_dir / "python"), "-W", "error", "-c", script], python_protobuf=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_cli_help_shows_defaults(venv_bin):
