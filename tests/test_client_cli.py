@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import termios
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,28 @@ def test_bad_files_are_named_with_their_flag(tum_dir, tmp_path):
         done = cli("encode", "--address", "127.0.0.1:1", *flags, "--out", str(tmp_path / "out"))
         assert done.returncode == 1 and words in done.stderr, (flags, done.stderr)
         assert "Traceback" not in done.stderr and 'error: "' not in done.stderr
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bad_frame_in_a_folder_is_named_and_the_frames_before_it_are_kept(live, tum_dir, tmp_path, stream):
+    """Checked on the client; in a stream too, where gRPC would only say CANCELLED."""
+    meta = json.loads((tum_dir / "frames.json").read_text())
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    meta["frames"] = [{**f, "rgb": str(tum_dir / f["rgb"]), "depth": str(tum_dir / f["depth"])}
+                      for f in meta["frames"][:2]]  # fmt: skip
+    small = Image.open(meta["frames"][1]["depth"]).resize((320, 240), Image.NEAREST)
+    small.save(folder / "small.png")
+    meta["frames"][1]["depth"] = "small.png"  # the second frame's depth no longer fits its colour
+    (folder / "frames.json").write_text(json.dumps(meta))
+    second = Path(meta["frames"][1]["rgb"]).stem
+
+    out = tmp_path / "out"
+    done = cli("encode", "--address", live.address, "--folder", str(folder), "--max-points", "500",
+               "--out", str(out), *(["--stream"] if stream else []))  # fmt: skip
+    assert done.returncode == 1
+    assert f"error: frame {second}: depth is 320×240 but colour is 640×480" in done.stderr, done.stderr
+    assert len(done.stdout.splitlines()) == 1 and len(list(out.glob("*.npz"))) == 1
 
 
 def test_misscaled_depth_is_warned_about(live, tum_dir, tmp_path):

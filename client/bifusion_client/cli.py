@@ -202,7 +202,8 @@ def run_encode(args) -> int:
     frames = _encode_frames(args)
     total = len(frames) if hasattr(frames, "__len__") else None
     args.out.mkdir(parents=True, exist_ok=True)
-    requests = (_frame_request(frame, args) for frame in _warn_if_misscaled(frames, args))
+    failures: list[Exception] = []
+    requests = _stop_at_failure((_frame_request(f, args) for f in _warn_if_misscaled(frames, args)), failures)
     with connect(args) as client, progress_bar(total, "encode", not args.no_progress) as bar:
         results = client.encode_stream(requests) if args.stream else map(client.encode_request, requests)
         for result in results:
@@ -218,7 +219,19 @@ def run_encode(args) -> int:
             }
             emit(json.dumps(summary))
             bar.update()
+    if failures:
+        raise failures[0]
     return 0
+
+
+def _stop_at_failure(requests: Iterator, failures: list[Exception]) -> Iterator:
+    """Ends the requests at the first frame that cannot be built, keeping its error. A stream
+    then closes cleanly and the frames before it are all answered; an exception from the
+    request iterator would make gRPC cancel the call and report only CANCELLED."""
+    try:
+        yield from requests
+    except (OSError, ValueError, KeyError) as error:
+        failures.append(error)
 
 
 def _encode_frames(args) -> Iterable[FolderFrame]:
