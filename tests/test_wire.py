@@ -102,6 +102,8 @@ def test_client_works_without_torch_or_the_encoder_package():
         from bifusion_client.loadgen import run_load
         from bifusion_client.request import build_request
         from bifusion_client.result import EncodeResult
+        from bifusion_client import arg_types, depth_check, model_info, progress
+        from bifusion_wire import documented, health
         color, depth = np.zeros((32, 32, 3), np.uint8), np.full((32, 32), 1000, np.uint16)
         request = build_request(color, depth, (30, 30, 15.5, 15.5))
         assert request.intrinsics.width == 32 and request.depth.depth_scale == 1000.0
