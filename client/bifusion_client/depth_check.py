@@ -9,6 +9,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from .request import BYTES_LIKE
+
 # Where the median of an RGB-D camera's valid readings falls indoors (structured light, ToF, active stereo).
 PLAUSIBLE_MEDIAN_M = (0.2, 4.5)
 KNOWN_SCALES = {1000.0: "millimetres", 5000.0: "TUM RGB-D", 1.0: "metres"}
@@ -17,7 +19,7 @@ KNOWN_SCALES = {1000.0: "millimetres", 5000.0: "TUM RGB-D", 1.0: "metres"}
 def median_depth_m(depth: np.ndarray | bytes, depth_scale: float) -> float | None:
     """Median of the valid (non-zero, finite) depths in metres; None when there are none.
     ``depth`` is H×W uint16 (with ``depth_scale``), H×W float32 metres, or 16-bit PNG bytes."""
-    if isinstance(depth, (bytes, bytearray, memoryview)):
+    if isinstance(depth, BYTES_LIKE):
         depth = np.asarray(Image.open(io.BytesIO(depth)))
     depth = np.asarray(depth)
     metres = depth if depth.dtype.kind == "f" else depth.astype(np.float32) / np.float32(depth_scale)
@@ -31,7 +33,7 @@ def depth_scale_warning(depth: np.ndarray | bytes, depth_scale: float, where: st
     low, high = PLAUSIBLE_MEDIAN_M
     if median is None or low <= median <= high:
         return None
-    is_float = not isinstance(depth, (bytes, bytearray, memoryview)) and np.asarray(depth).dtype.kind == "f"
+    is_float = not isinstance(depth, BYTES_LIKE) and np.asarray(depth).dtype.kind == "f"
     unit = "float metres" if is_float else f"depth scale {depth_scale:g} ({median * depth_scale:.0f} units)"
     hint = "" if is_float else " " + _scale_hint(median * depth_scale)
     return (
