@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from bifusion_wire import SERVICE_NAME
 from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.documented import documented_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -99,10 +100,12 @@ class BiFusionServer:
         self._grpc = grpc.aio.server(interceptors=interceptors, options=self._channel_options())
         self._grpc.add_generic_rpc_handlers((self._service.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        # Reflection serves the descriptors the generated module registered.
+        # Reflection serves the registered descriptors, the encoder's with its proto comments.
         encoder_service = pb.DESCRIPTOR.services_by_name["BiFusionEncoder"].full_name
         reflection.enable_server_reflection(
-            (encoder_service, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            (encoder_service, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._grpc,
+            pool=documented_pool(),
         )
         self.port = self._bind()
         await self._grpc.start()

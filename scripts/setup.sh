@@ -10,6 +10,7 @@ PYTHON="${BIFUSION_PYTHON:-python3.11}"
 TORCH_VERSION="2.14.1"
 TORCHVISION_VERSION="0.29.1"
 ME_VERSION="0.5.4"
+BUF_VERSION="1.75.0"
 WHEEL_CACHE="${BIFUSION_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bifusion/wheels}"
 APT_PACKAGES=(libopenblas-dev prometheus openssl)
 
@@ -20,6 +21,8 @@ install_apt_packages() {
   for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
+  # npm installs buf (install_buf); any npm will do (Debian's, or the one in NodeSource's nodejs).
+  command -v npm >/dev/null || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] && return
   log "installing Debian packages: ${missing[*]}"
   local sudo=""
@@ -93,7 +96,18 @@ install_project() {
   echo "$want" >"$stamp"
 }
 
+install_buf() {
+  # buf (the protobuf linter) from npm into a project-local folder, for tests/test_proto_contract.py.
+  local dir="$ROOT/.tools/buf"
+  if [ -x "$dir/node_modules/.bin/buf" ] && [ "$("$dir/node_modules/.bin/buf" --version)" = "$BUF_VERSION" ]; then
+    return
+  fi
+  log "installing buf $BUF_VERSION into $dir"
+  npm install --prefix "$dir" --no-audit --no-fund --silent "@bufbuild/buf@$BUF_VERSION"
+}
+
 install_apt_packages
+install_buf
 make_venv
 install_torch
 install_minkowski_engine

@@ -11,7 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire import health
 from bifusion_wire.tensor import FieldError, from_tensor, to_tensor
+from grpc_health.v1 import health_pb2
 from serving_harness import ROOT
 
 
@@ -100,6 +102,8 @@ def test_client_works_without_torch_or_the_encoder_package():
         from bifusion_client.loadgen import run_load
         from bifusion_client.request import build_request
         from bifusion_client.result import EncodeResult
+        from bifusion_client import arg_types, depth_check, model_info, progress
+        from bifusion_wire import documented, health
         color, depth = np.zeros((32, 32, 3), np.uint8), np.full((32, 32), 1000, np.uint16)
         request = build_request(color, depth, (30, 30, 15.5, 15.5))
         assert request.intrinsics.width == 32 and request.depth.depth_scale == 1000.0
@@ -113,3 +117,21 @@ def test_client_works_without_torch_or_the_encoder_package():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("service", ["", "bifusion.v1.BiFusionEncoder", "é" * 200])
+def test_hand_encoded_health_request_matches_grpc_health(service):
+    expected = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    assert health.encode_check_request(service) == expected
+
+
+def test_hand_decoded_health_response_matches_grpc_health():
+    statuses = health_pb2.HealthCheckResponse.ServingStatus
+    for name in health.STATUS_NAMES:
+        data = health_pb2.HealthCheckResponse(status=statuses.Value(name)).SerializeToString()
+        assert health.decode_check_response(data) == name
+        # Fields a newer server might add (length-delimited, varint, fixed64) are skipped.
+        unknown = b"\x12\x03abc" + b"\x18\x96\x01" + b"\x21" + bytes(8)
+        assert health.decode_check_response(data + unknown) == name
+    with pytest.raises(ValueError, match="truncated"):
+        health.decode_check_response(b"\x08")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import grpc
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire import encoder_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from bifusion_wire import encoder_pb2_grpc, health
 
 from .request import build_request
 from .result import EncodeResult
@@ -67,7 +66,7 @@ class BiFusionClient:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = encoder_pb2_grpc.BiFusionEncoderStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health_check = health.check_callable(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
@@ -107,8 +106,7 @@ class BiFusionClient:
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
-        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return self._health_check(service, timeout=timeout or 5.0)
 
     def close(self) -> None:
         self._channel.close()

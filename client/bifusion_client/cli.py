@@ -1,23 +1,29 @@
-"""``bifusion-client``: encode frames to .npz, show model info, check health, generate load."""
+"""``bifusion-client``: encode frames (.npz, PLY, pictures, bags, Rerun), show model info, check health,
+generate load."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import numpy as np
-from google.protobuf.json_format import MessageToDict
+from PIL import Image, UnidentifiedImageError
 
 from . import encode_io
 from .api import DEFAULT_MAX_MESSAGE_BYTES, BiFusionClient
-from .frames_folder import load_frames_folder
+from .arg_types import finite_float, non_negative_float, non_negative_int, positive_float, positive_int
+from .depth_check import depth_scale_warning
+from .frames_folder import FolderFrame, load_frames_folder
 from .loadgen import run_load
-from .request import COLOR_FORMATS, DEPTH_FORMATS, build_request, request_from_folder_frame
+from .model_info import model_info_dict
+from .progress import emit, progress_bar, warn
+from .request import COLOR_FORMATS, DEPTH_FORMATS, request_from_folder_frame
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -29,9 +35,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except grpc.RpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         sys.exit(1)
-    except (OSError, ValueError, KeyError) as error:
+    except KeyError as error:  # str() of a KeyError is the repr of its message: print the message
+        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless it is None/off, or the help already says it);
+    keeps descriptions' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,32 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--address",
         default=os.environ.get("BIFUSION_ADDRESS", DEFAULT_ADDRESS),
-        help=f"host:port of the server (env BIFUSION_ADDRESS; default {DEFAULT_ADDRESS})",
+        help="host:port of the server (env BIFUSION_ADDRESS)",
     )
     group.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (turns TLS on)")
     group.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     group.add_argument("--tls-cert", help="PEM client certificate, for mTLS")
     group.add_argument("--tls-key", help="PEM key of --tls-cert")
     group.add_argument("--tls-server-name", help="name to check the server's certificate against")
-    group.add_argument(
-        "--token",
-        default=os.environ.get("BIFUSION_CLIENT_TOKEN"),
-        help="bearer token (env BIFUSION_CLIENT_TOKEN)",
-    )
+    # No default shown: the token must not appear in --help.
+    group.add_argument("--token", help="bearer token (default: env BIFUSION_CLIENT_TOKEN)")
     group.add_argument("--token-file", help="file holding the bearer token")
-    group.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
-    group.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    group.add_argument("--timeout", type=positive_float, help="per-call deadline, seconds (default: none)")
+    group.add_argument(
+        "--max-message-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest message sent or received",
+    )
 
     parser = argparse.ArgumentParser(
-        prog="bifusion-client", description="Client of the BiFusion encoder service (numpy in, numpy out)."
+        prog="bifusion-client",
+        description="Client of the BiFusion encoder service (numpy in, numpy out).",
+        formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     encode = commands.add_parser(
-        "encode", parents=[connection], help="encode frames: .npz, PLY, pictures, PointCloud2 bag, Rerun",
+        "encode", parents=[connection], formatter_class=_HelpFormatter,
+        help="encode frames: .npz, PLY, pictures, PointCloud2 bag, Rerun",
         description="Encode a ROS bag, a TUM sequence, a folder described by frames.json, or one "
         "colour/depth pair; write .npz, PLY, pictures, a PointCloud2 bag and/or a Rerun recording "
-        "(docs/robotics.md).",
+        "(docs/robotics.md).\n"
+        "Prints one JSON line per frame on stdout; a progress bar with rate and ETA on stderr "
+        "when it is a terminal.",
     )  # fmt: skip
     source = encode.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", type=Path, help="folder with frames.json (TUM-style layout)")
@@ -74,49 +103,72 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="colour image file (PNG or JPEG), sent as is (--color-format does not apply)",
     )
-    encode.add_argument("--depth", type=Path, help="16-bit depth PNG registered to --color")
+    encode.add_argument("--depth", type=Path, help="16-bit depth PNG registered to --color (same size)")
     encode.add_argument(
-        "--depth-scale", type=float, default=1000.0, help="metres = value / scale (default 1000)"
+        "--depth-scale", type=positive_float, default=1000.0, help="with --depth: metres = value / scale"
     )
-    for name in ("fx", "fy", "cx", "cy"):
-        encode.add_argument(
-            f"--{name}",
-            type=float,
-            help=f"intrinsics {name} in pixels (needed with --color; replaces the source's)",
-        )
-    encode.add_argument("--pose", nargs="+", help="cam_to_world: 16 numbers row-major, or a .npy/.txt file")
-    encode.add_argument("--frame-id", help="frame id (with --color; default: the file name)")
+    encode.add_argument(
+        "--fx",
+        type=positive_float,
+        help="focal length x, pixels (needed with --color; replaces the source's)",
+    )
+    encode.add_argument(
+        "--fy",
+        type=positive_float,
+        help="focal length y, pixels (needed with --color; replaces the source's)",
+    )
+    encode.add_argument(
+        "--cx",
+        type=finite_float,
+        help="principal point x, pixels (needed with --color; replaces the source's)",
+    )
+    encode.add_argument(
+        "--cy",
+        type=finite_float,
+        help="principal point y, pixels (needed with --color; replaces the source's)",
+    )
+    encode.add_argument(
+        "--pose", nargs="+", help="T_world_cam: 16 numbers row-major, or a .npy/.txt file (default: identity)"
+    )
+    encode.add_argument("--frame-id", help="with --color: frame id (default: the file name)")
     encode.add_argument(
         "--intrinsics-set",
         default="ros_default",
         help="intrinsics set of frames.json, or of TUM (with --tum)",
     )
-    encode.add_argument("--limit", type=int, help="encode the first LIMIT frames of the source")
+    encode.add_argument("--limit", type=positive_int, help="encode the first LIMIT frames of the source")
     encode.add_argument("--stream", action="store_true", help="send the frames over one EncodeStream call")
     encode_io.add_source_options(encode, source)
     encode_io.add_output_options(encode)
     _add_frame_options(encode)
     encode.set_defaults(run=run_encode)
 
-    info = commands.add_parser("info", parents=[connection], help="print the model info as JSON")
+    info = commands.add_parser(
+        "info", parents=[connection], formatter_class=_HelpFormatter,
+        help="print the model info as JSON (typed values, config as an object)",
+    )  # fmt: skip
     info.set_defaults(run=run_info)
 
     health = commands.add_parser(
-        "health", parents=[connection], help="exit 0 only when the server reports SERVING"
-    )
-    health.add_argument("--service", default="", help="service name to ask about (default: overall)")
+        "health", parents=[connection], formatter_class=_HelpFormatter,
+        help="exit 0 only when the server reports SERVING",
+    )  # fmt: skip
+    health.add_argument("--service", default="", help="service name to ask about ('' = overall)")
     health.set_defaults(run=run_health)
 
     bench = commands.add_parser(
-        "bench", parents=[connection], help="load generator: latency percentiles and frames/s as JSON"
-    )
+        "bench", parents=[connection], formatter_class=_HelpFormatter,
+        help="load generator: latency percentiles and frames/s as JSON",
+    )  # fmt: skip
     bench.add_argument("--folder", type=Path, required=True, help="folder with frames.json")
-    bench.add_argument("--intrinsics-set", default="ros_default")
-    bench.add_argument("--concurrency", type=int, default=4, help="concurrent clients (one channel each)")
+    bench.add_argument("--intrinsics-set", default="ros_default", help="intrinsics set of frames.json")
+    bench.add_argument(
+        "--concurrency", type=positive_int, default=4, help="concurrent clients (one channel each)"
+    )
     amount = bench.add_mutually_exclusive_group()
-    amount.add_argument("--frames", type=int, help="frames to send in all (default 32)")
-    amount.add_argument("--duration", type=float, help="seconds to keep sending")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed frames per client first")
+    amount.add_argument("--frames", type=positive_int, help="frames to send in all (default: 32)")
+    amount.add_argument("--duration", type=positive_float, help="seconds to keep sending")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed frames per client first")
     _add_frame_options(bench)
     bench.set_defaults(run=run_bench)
     return parser
@@ -124,16 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_frame_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("frame options")
-    group.add_argument("--max-points", type=int, help="points per frame (default: the model's)")
+    group.add_argument(
+        "--max-points", type=positive_int, help="points per frame (default: the model's default_max_points)"
+    )
     group.add_argument("--float16", action="store_true", help="features as float16 on the wire")
     group.add_argument("--world-points", action="store_true", help="also return world xyz per point")
-    group.add_argument("--occlusion-tau", type=float, help="occlusion threshold for client points")
+    group.add_argument(
+        "--occlusion-tau",
+        type=non_negative_float,
+        help="occlusion threshold for client points (default: the model's; 0 disables)",
+    )
     group.add_argument("--color-format", choices=COLOR_FORMATS, default="png", help="how colour travels")
     group.add_argument("--depth-format", choices=DEPTH_FORMATS, default="png", help="how depth travels")
+    group.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none without a TTY anyway)"
+    )
 
 
 def connect(args) -> BiFusionClient:
-    token = args.token
+    token = args.token or os.environ.get("BIFUSION_CLIENT_TOKEN")
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
     return BiFusionClient(
@@ -164,13 +225,16 @@ def run_encode(args) -> int:
     options = frame_options(args)
     options["world_points"] = options["world_points"] or encode_io.wants_world_points(args)
     if args.color:
-        request = _pair_request(args, **options)
-        work = iter([(encode_io.pair_frame(args, parse_pose(args.pose) if args.pose else None), request)])
+        pair = _pair_frame(args)  # the files' own bytes go on the wire; the outputs need pixels
+        frames = [encode_io.pair_frame(args, pair.cam_to_world)]
+        work = ((frames[0], _frame_request(p, options)) for p in _warn_if_misscaled([pair], args))
     else:
-        work = ((f, request_from_folder_frame(f, **options)) for f in encode_io.open_frames(args))
+        frames = encode_io.open_frames(args)
+        work = ((f, _frame_request(f, options)) for f in _warn_if_misscaled(frames, args))
+    total = len(frames) if hasattr(frames, "__len__") else getattr(frames, "count", None)
     sinks = encode_io.open_sinks(args)
     try:
-        with connect(args) as client:
+        with connect(args) as client, progress_bar(total, "encode", not args.no_progress) as bar:
             for frame, result in encode_io.encode_frames(client, work, args.stream):
                 written = [sink.write(frame, result) for sink in sinks]
                 summary = {
@@ -181,35 +245,82 @@ def run_encode(args) -> int:
                     "gate_mean": round(result.gate_mean, 6),
                     "model_id": result.model_id,
                 }
-                print(json.dumps(summary), flush=True)
+                emit(json.dumps(summary))
+                bar.update()
     finally:
         encode_io.close_sinks(sinks)
     return 0
 
 
-def _pair_request(args, **options):
+def _frame_request(frame, options: dict):
+    try:
+        return request_from_folder_frame(frame, **options)
+    except ValueError as error:
+        raise ValueError(f"frame {frame.frame_id}: {error}") from None
+
+
+def _warn_if_misscaled(frames: Iterable[FolderFrame], args) -> Iterator[FolderFrame]:
+    """Passes the frames through; checks the first one's depth scale (a setting, not per frame)."""
+    for index, frame in enumerate(frames):
+        if index == 0 and frame.depth is not None:
+            depth_file = getattr(args, "depth", None)
+            where = f"--depth {depth_file}" if depth_file else f"frame {frame.frame_id}"
+            warning = depth_scale_warning(frame.depth, frame.depth_scale, where)
+            if warning:
+                warn(warning)
+        yield frame
+
+
+def _pair_frame(args) -> FolderFrame:
     missing = [f"--{n}" for n in ("depth", "fx", "fy", "cx", "cy") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"--color needs {', '.join(missing)}")
-    return build_request(
-        args.color.read_bytes(),
-        args.depth.read_bytes(),
-        (args.fx, args.fy, args.cx, args.cy),
-        cam_to_world=parse_pose(args.pose) if args.pose else None,
-        depth_scale=args.depth_scale,
+    color, color_image = _read_image(args.color, "--color", "a PNG or JPEG colour image")
+    depth, depth_image = _read_image(args.depth, "--depth", "a 16-bit greyscale PNG")
+    if depth_image.format != "PNG" or depth_image.mode not in ("I;16", "I;16B", "I;16L", "I"):
+        raise ValueError(
+            f"--depth {args.depth}: expected a 16-bit greyscale PNG, got a {depth_image.format} "
+            f"image of mode {depth_image.mode}"
+        )
+    if depth_image.size != color_image.size:
+        raise ValueError(
+            f"--depth {args.depth} is {_size(depth_image)} but --color {args.color} is "
+            f"{_size(color_image)}: depth must be registered to the colour image (same size)"
+        )
+    return FolderFrame(
         frame_id=args.frame_id or args.color.stem,
-        **options,
+        color=color,
+        depth=depth,
+        depth_scale=args.depth_scale,
+        intrinsics={"fx": args.fx, "fy": args.fy, "cx": args.cx, "cy": args.cy},
+        cam_to_world=parse_pose(args.pose) if args.pose else None,
     )
+
+
+def _read_image(path: Path, flag: str, what: str) -> tuple[bytes, Image.Image]:
+    """The file's bytes and its header (Pillow opens lazily: nothing is decoded here)."""
+    data = path.read_bytes()  # a missing file raises OSError naming it
+    try:
+        return data, Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"{flag} {path}: not an image file; expected {what}") from None
+
+
+def _size(image: Image.Image) -> str:
+    return f"{image.size[0]}×{image.size[1]}"
 
 
 def parse_pose(values: Sequence[str]) -> np.ndarray:
     """16 numbers, or one .npy / text file holding a 4×4 (or 16 numbers)."""
-    if len(values) == 1:
-        path = Path(values[0])
-        pose = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
-    else:
-        pose = np.asarray([float(v) for v in values])
-    pose = np.asarray(pose, dtype=np.float64)
+    try:
+        if len(values) == 1:
+            path = Path(values[0])
+            pose = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
+        else:
+            pose = np.asarray([float(v) for v in values])
+        pose = np.asarray(pose, dtype=np.float64)
+    except ValueError as error:
+        raise ValueError(f"--pose: not numbers ({error})") from None
     if pose.size != 16:
         raise ValueError(f"--pose needs 16 numbers (4×4 row-major), got {pose.size}")
     return pose.reshape(4, 4)
@@ -218,7 +329,7 @@ def parse_pose(values: Sequence[str]) -> np.ndarray:
 def run_info(args) -> int:
     with connect(args) as client:
         info = client.model_info()
-    print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+    print(json.dumps(model_info_dict(info), indent=2))
     return 0
 
 
@@ -234,15 +345,18 @@ def run_health(args) -> int:
 
 def run_bench(args) -> int:
     frames = load_frames_folder(args.folder, intrinsics=args.intrinsics_set)
-    requests = [request_from_folder_frame(frame, **frame_options(args)) for frame in frames]
-    report = run_load(
-        lambda: connect(args),
-        requests,
-        concurrency=args.concurrency,
-        frames=None if args.duration else (args.frames or 32),
-        duration_s=args.duration,
-        warmup=args.warmup,
-    )
+    requests = [_frame_request(frame, frame_options(args)) for frame in _warn_if_misscaled(frames, args)]
+    total = None if args.duration else (args.frames or 32)
+    with progress_bar(total, "bench", not args.no_progress) as bar:
+        report = run_load(
+            lambda: connect(args),
+            requests,
+            concurrency=args.concurrency,
+            frames=total,
+            duration_s=args.duration,
+            warmup=args.warmup,
+            on_frame=bar.update,
+        )
     report["address"] = args.address
     report["options"] = {k: v for k, v in frame_options(args).items() if v not in (None, False)}
     print(json.dumps(report, indent=2))

@@ -23,10 +23,12 @@ def run_load(
     duration_s: float | None = None,
     warmup: int = 1,
     timeout: float = 300.0,
+    on_frame: Callable[[], object] | None = None,
 ) -> dict:
     """Send ``frames`` requests in all (or keep going for ``duration_s``) from ``concurrency``
     clients, cycling through ``requests``. Each client first sends ``warmup`` untimed ones
-    (connection set-up, first-call costs), then all start together."""
+    (connection set-up, first-call costs), then all start together. ``on_frame`` is called
+    (under a lock) after each timed request, answered or failed: a progress bar's update."""
     if (frames is None) == (duration_s is None):
         raise ValueError("give frames or duration_s")
     if not requests:
@@ -73,12 +75,16 @@ def run_load(
                 except grpc.RpcError as exc:
                     with lock:
                         errors[exc.code().name] += 1
+                        if on_frame:
+                            on_frame()
                     continue
                 elapsed = time.perf_counter() - began
                 with lock:
                     latencies.append(elapsed)
                     response_bytes.append(result.wire_bytes)
                     batch_sizes.append(result.batch_size)
+                    if on_frame:
+                        on_frame()
 
     threads = [threading.Thread(target=worker, args=(rank,), daemon=True) for rank in range(concurrency)]
     for thread in threads:

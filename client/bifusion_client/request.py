@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import to_tensor
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .frames_folder import FolderFrame
 
@@ -17,6 +17,8 @@ PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 95
 COLOR_FORMATS = ("png", "jpeg", "raw")
 DEPTH_FORMATS = ("png", "raw")
+# A tuple, not `bytes | bytearray | memoryview`: isinstance takes unions only from Python 3.10.
+BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
 def build_request(
@@ -43,8 +45,12 @@ def build_request(
     with fx, fy, cx, cy or a sequence in that order. ``cam_to_world`` is 4×4 (or 16 numbers,
     row-major); None means identity.
     """
+    if max_points is not None and max_points < 0:
+        raise ValueError(f"max_points must be 0 (the model's default) or more, got {max_points}")
     request = pb.EncodeFrameRequest(frame_id=frame_id)
     width, height = _encode_color(request.color, color, color_format)
+    if depth is not None:
+        _check_depth_size(depth, width, height)
     fx, fy, cx, cy = _intrinsics(intrinsics)
     request.intrinsics.CopyFrom(pb.Intrinsics(fx=fx, fy=fy, cx=cx, cy=cy, width=width, height=height))
     if depth is not None:
@@ -86,8 +92,8 @@ def _intrinsics(intrinsics: Mapping[str, float] | Sequence[float]) -> tuple[floa
 
 def _encode_color(out: pb.ColorImage, color: np.ndarray | bytes, fmt: str) -> tuple[int, int]:
     """Fill ``out``; returns the image's (width, height)."""
-    if isinstance(color, bytes | bytearray | memoryview):
-        image = Image.open(io.BytesIO(color))  # header only: format and size
+    if isinstance(color, BYTES_LIKE):
+        image = _open_image(color, "colour")  # header only: format and size
         encodings = {"PNG": pb.ColorImage.PNG, "JPEG": pb.ColorImage.JPEG}
         if image.format not in encodings:
             raise ValueError(f"colour bytes must be PNG or JPEG, got {image.format}")
@@ -112,8 +118,31 @@ def _encode_color(out: pb.ColorImage, color: np.ndarray | bytes, fmt: str) -> tu
     return width, height
 
 
+def _check_depth_size(depth: np.ndarray | bytes, width: int, height: int) -> None:
+    """Depth must be registered to the colour image, pixel for pixel; say so here rather than
+    let the server blame the intrinsics' size."""
+    if isinstance(depth, BYTES_LIKE):
+        depth_width, depth_height = _open_image(depth, "depth").size
+    else:
+        if np.ndim(depth) != 2:
+            return  # _encode_depth names the wrong shape
+        depth_height, depth_width = np.shape(depth)
+    if (depth_width, depth_height) != (width, height):
+        raise ValueError(
+            f"depth is {depth_width}×{depth_height} but colour is {width}×{height}: depth must be "
+            "registered to the colour image (same size, pixel for pixel)"
+        )
+
+
+def _open_image(data: bytes, what: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} bytes are not an image Pillow can read (PNG or JPEG expected)") from None
+
+
 def _encode_depth(out: pb.DepthImage, depth: np.ndarray | bytes, scale: float, fmt: str) -> None:
-    if isinstance(depth, bytes | bytearray | memoryview):
+    if isinstance(depth, BYTES_LIKE):
         out.encoding = pb.DepthImage.PNG16
         out.data = bytes(depth)
         out.depth_scale = scale

@@ -2,198 +2,187 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
-
 class ColorImage(_message.Message):
-    __slots__ = ("encoding", "data")
+    __slots__ = ["data", "encoding"]
     class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        ENCODING_UNSPECIFIED: _ClassVar[ColorImage.Encoding]
-        PNG: _ClassVar[ColorImage.Encoding]
-        JPEG: _ClassVar[ColorImage.Encoding]
-        RAW_RGB8: _ClassVar[ColorImage.Encoding]
-    ENCODING_UNSPECIFIED: ColorImage.Encoding
-    PNG: ColorImage.Encoding
-    JPEG: ColorImage.Encoding
-    RAW_RGB8: ColorImage.Encoding
-    ENCODING_FIELD_NUMBER: _ClassVar[int]
+        __slots__ = []
     DATA_FIELD_NUMBER: _ClassVar[int]
-    encoding: ColorImage.Encoding
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_UNSPECIFIED: ColorImage.Encoding
+    JPEG: ColorImage.Encoding
+    PNG: ColorImage.Encoding
+    RAW_RGB8: ColorImage.Encoding
     data: bytes
+    encoding: ColorImage.Encoding
     def __init__(self, encoding: _Optional[_Union[ColorImage.Encoding, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DepthImage(_message.Message):
-    __slots__ = ("encoding", "data", "depth_scale")
+    __slots__ = ["data", "depth_scale", "encoding"]
     class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        ENCODING_UNSPECIFIED: _ClassVar[DepthImage.Encoding]
-        PNG16: _ClassVar[DepthImage.Encoding]
-        RAW_UINT16: _ClassVar[DepthImage.Encoding]
-        RAW_FLOAT32: _ClassVar[DepthImage.Encoding]
-    ENCODING_UNSPECIFIED: DepthImage.Encoding
-    PNG16: DepthImage.Encoding
-    RAW_UINT16: DepthImage.Encoding
-    RAW_FLOAT32: DepthImage.Encoding
-    ENCODING_FIELD_NUMBER: _ClassVar[int]
+        __slots__ = []
     DATA_FIELD_NUMBER: _ClassVar[int]
     DEPTH_SCALE_FIELD_NUMBER: _ClassVar[int]
-    encoding: DepthImage.Encoding
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_UNSPECIFIED: DepthImage.Encoding
+    PNG16: DepthImage.Encoding
+    RAW_FLOAT32: DepthImage.Encoding
+    RAW_UINT16: DepthImage.Encoding
     data: bytes
     depth_scale: float
+    encoding: DepthImage.Encoding
     def __init__(self, encoding: _Optional[_Union[DepthImage.Encoding, str]] = ..., data: _Optional[bytes] = ..., depth_scale: _Optional[float] = ...) -> None: ...
 
-class Intrinsics(_message.Message):
-    __slots__ = ("fx", "fy", "cx", "cy", "width", "height")
-    FX_FIELD_NUMBER: _ClassVar[int]
-    FY_FIELD_NUMBER: _ClassVar[int]
-    CX_FIELD_NUMBER: _ClassVar[int]
-    CY_FIELD_NUMBER: _ClassVar[int]
-    WIDTH_FIELD_NUMBER: _ClassVar[int]
-    HEIGHT_FIELD_NUMBER: _ClassVar[int]
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-    width: int
-    height: int
-    def __init__(self, fx: _Optional[float] = ..., fy: _Optional[float] = ..., cx: _Optional[float] = ..., cy: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
-
-class EncodeOptions(_message.Message):
-    __slots__ = ("max_points", "output_dtype", "return_world_points", "occlusion_tau")
-    class OutputDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        FLOAT32: _ClassVar[EncodeOptions.OutputDType]
-        FLOAT16: _ClassVar[EncodeOptions.OutputDType]
-    FLOAT32: EncodeOptions.OutputDType
-    FLOAT16: EncodeOptions.OutputDType
-    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
-    RETURN_WORLD_POINTS_FIELD_NUMBER: _ClassVar[int]
-    OCCLUSION_TAU_FIELD_NUMBER: _ClassVar[int]
-    max_points: int
-    output_dtype: EncodeOptions.OutputDType
-    return_world_points: bool
-    occlusion_tau: float
-    def __init__(self, max_points: _Optional[int] = ..., output_dtype: _Optional[_Union[EncodeOptions.OutputDType, str]] = ..., return_world_points: _Optional[bool] = ..., occlusion_tau: _Optional[float] = ...) -> None: ...
-
 class EncodeFrameRequest(_message.Message):
-    __slots__ = ("frame_id", "color", "depth", "points", "intrinsics", "cam_to_world", "options")
-    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ["cam_to_world", "color", "depth", "frame_id", "intrinsics", "options", "points"]
+    CAM_TO_WORLD_FIELD_NUMBER: _ClassVar[int]
     COLOR_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
-    POINTS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     INTRINSICS_FIELD_NUMBER: _ClassVar[int]
-    CAM_TO_WORLD_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
-    frame_id: str
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    cam_to_world: _containers.RepeatedScalarFieldContainer[float]
     color: ColorImage
     depth: DepthImage
-    points: Tensor
+    frame_id: str
     intrinsics: Intrinsics
-    cam_to_world: _containers.RepeatedScalarFieldContainer[float]
     options: EncodeOptions
+    points: Tensor
     def __init__(self, frame_id: _Optional[str] = ..., color: _Optional[_Union[ColorImage, _Mapping]] = ..., depth: _Optional[_Union[DepthImage, _Mapping]] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., intrinsics: _Optional[_Union[Intrinsics, _Mapping]] = ..., cam_to_world: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
 
+class EncodeFrameResponse(_message.Message):
+    __slots__ = ["alpha", "features", "frame_id", "model_id", "point_indices", "points_world", "stats", "valid"]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    POINTS_WORLD_FIELD_NUMBER: _ClassVar[int]
+    POINT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    alpha: Tensor
+    features: Tensor
+    frame_id: str
+    model_id: str
+    point_indices: Tensor
+    points_world: Tensor
+    stats: FrameStats
+    valid: Tensor
+    def __init__(self, frame_id: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., point_indices: _Optional[_Union[Tensor, _Mapping]] = ..., points_world: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[FrameStats, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class EncodeOptions(_message.Message):
+    __slots__ = ["max_points", "occlusion_tau", "output_dtype", "return_world_points"]
+    class OutputDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = []
+    FLOAT16: EncodeOptions.OutputDType
+    FLOAT32: EncodeOptions.OutputDType
+    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_TAU_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_WORLD_POINTS_FIELD_NUMBER: _ClassVar[int]
+    max_points: int
+    occlusion_tau: float
+    output_dtype: EncodeOptions.OutputDType
+    return_world_points: bool
+    def __init__(self, max_points: _Optional[int] = ..., output_dtype: _Optional[_Union[EncodeOptions.OutputDType, str]] = ..., return_world_points: bool = ..., occlusion_tau: _Optional[float] = ...) -> None: ...
+
 class FrameStats(_message.Message):
-    __slots__ = ("num_points", "valid_ratio", "gate_mean", "stage_ms", "queue_ms", "decode_ms", "batch_size")
+    __slots__ = ["batch_size", "decode_ms", "gate_mean", "num_points", "queue_ms", "stage_ms", "valid_ratio"]
     class StageMsEntry(_message.Message):
-        __slots__ = ("key", "value")
+        __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    NUM_POINTS_FIELD_NUMBER: _ClassVar[int]
-    VALID_RATIO_FIELD_NUMBER: _ClassVar[int]
-    GATE_MEAN_FIELD_NUMBER: _ClassVar[int]
-    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
-    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
-    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    num_points: int
-    valid_ratio: float
-    gate_mean: float
-    stage_ms: _containers.ScalarMap[str, float]
-    queue_ms: float
-    decode_ms: float
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    GATE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    NUM_POINTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    VALID_RATIO_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
+    decode_ms: float
+    gate_mean: float
+    num_points: int
+    queue_ms: float
+    stage_ms: _containers.ScalarMap[str, float]
+    valid_ratio: float
     def __init__(self, num_points: _Optional[int] = ..., valid_ratio: _Optional[float] = ..., gate_mean: _Optional[float] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
-class EncodeFrameResponse(_message.Message):
-    __slots__ = ("frame_id", "features", "alpha", "valid", "point_indices", "points_world", "stats", "model_id")
-    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
-    FEATURES_FIELD_NUMBER: _ClassVar[int]
-    ALPHA_FIELD_NUMBER: _ClassVar[int]
-    VALID_FIELD_NUMBER: _ClassVar[int]
-    POINT_INDICES_FIELD_NUMBER: _ClassVar[int]
-    POINTS_WORLD_FIELD_NUMBER: _ClassVar[int]
-    STATS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    frame_id: str
-    features: Tensor
-    alpha: Tensor
-    valid: Tensor
-    point_indices: Tensor
-    points_world: Tensor
-    stats: FrameStats
-    model_id: str
-    def __init__(self, frame_id: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., point_indices: _Optional[_Union[Tensor, _Mapping]] = ..., points_world: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[FrameStats, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
-
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
+    __slots__ = []
     def __init__(self) -> None: ...
 
+class Intrinsics(_message.Message):
+    __slots__ = ["cx", "cy", "fx", "fy", "height", "width"]
+    CX_FIELD_NUMBER: _ClassVar[int]
+    CY_FIELD_NUMBER: _ClassVar[int]
+    FX_FIELD_NUMBER: _ClassVar[int]
+    FY_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    cx: float
+    cy: float
+    fx: float
+    fy: float
+    height: int
+    width: int
+    def __init__(self, fx: _Optional[float] = ..., fy: _Optional[float] = ..., cx: _Optional[float] = ..., cy: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
 class Limits(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue", "max_points", "default_max_points", "max_message_bytes", "max_image_side", "min_image_side")
-    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
-    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ["default_max_points", "max_batch_size", "max_image_side", "max_message_bytes", "max_points", "max_queue", "min_image_side"]
     DEFAULT_MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
-    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
-    max_batch_size: int
-    max_queue: int
-    max_points: int
     default_max_points: int
-    max_message_bytes: int
+    max_batch_size: int
     max_image_side: int
+    max_message_bytes: int
+    max_points: int
+    max_queue: int
     min_image_side: int
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_points: _Optional[int] = ..., default_max_points: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., min_image_side: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "checkpoint_sha256", "model_id", "device", "demo_weights", "feature_dim", "amp", "limits", "server_version", "config_json")
+    __slots__ = ["amp", "architecture", "checkpoint_sha256", "config_json", "demo_weights", "device", "feature_dim", "limits", "model_id", "server_version"]
+    AMP_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
-    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
-    DEMO_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
-    AMP_FIELD_NUMBER: _ClassVar[int]
-    LIMITS_FIELD_NUMBER: _ClassVar[int]
-    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEMO_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    amp: bool
     architecture: str
     checkpoint_sha256: str
-    model_id: str
-    device: str
-    demo_weights: bool
-    feature_dim: int
-    amp: bool
-    limits: Limits
-    server_version: str
     config_json: str
-    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: _Optional[bool] = ..., feature_dim: _Optional[int] = ..., amp: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    demo_weights: bool
+    device: str
+    feature_dim: int
+    limits: Limits
+    model_id: str
+    server_version: str
+    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: bool = ..., feature_dim: _Optional[int] = ..., amp: bool = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ["data", "dtype", "shape"]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...

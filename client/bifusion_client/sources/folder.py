@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .frame import RGBDFrame
+from .frame import CountedFrames, RGBDFrame
 from .tum import load_color, load_depth
 
 
 def read_folder(
     folder: str | Path, intrinsics: str = "ros_default", limit: int | None = None
-) -> Iterator[RGBDFrame]:
+) -> CountedFrames:
     """Frames of ``folder/frames.json`` in order, read one at a time; ``intrinsics`` picks one of
     its sets. The manifest is checked before the first image is read."""
     folder = Path(folder)
@@ -34,7 +33,7 @@ def read_folder(
         for key in ("rgb", "depth"):
             if key not in entry:
                 raise ValueError(f"{manifest}: frames[{number}] has no {key!r}")
-    return _frames(folder, entries, k, depth_scale)
+    return CountedFrames(_frames(folder, entries, k, depth_scale), len(entries))
 
 
 def _frames(folder, entries, k, depth_scale):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,3 +36,18 @@ class RGBDFrame:
         metres = self.depth.astype(np.float32, copy=True)
         metres[~(metres > 0)] = np.nan  # 0, negative and NaN all mean no reading
         return metres
+
+
+class CountedFrames:
+    """Frames read lazily, one at a time, with their number known up front (a progress bar's
+    ETA); ``count`` is an upper bound when the reader may still skip frames."""
+
+    def __init__(self, frames: Iterator[RGBDFrame], count: int):
+        self._frames = frames
+        self.count = count
+
+    def __iter__(self) -> CountedFrames:
+        return self
+
+    def __next__(self) -> RGBDFrame:
+        return next(self._frames)

@@ -7,13 +7,13 @@ Images are read one pair at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .frame import RGBDFrame
+from .frame import CountedFrames, RGBDFrame
 from .poses import PoseTrack
 from .timing import DEFAULT_MAX_DIFFERENCE_S, associate
 
@@ -75,7 +75,7 @@ def read_tum(
     max_difference: float = DEFAULT_MAX_DIFFERENCE_S,
     limit: int | None = None,
     warn: Callable[[str], None] | None = None,
-) -> Iterator[RGBDFrame]:
+) -> CountedFrames:
     """Frames of a TUM sequence folder, lazily, in colour-stamp order. Without groundtruth.txt
     the poses are None; colour frames outside the ground truth's span are skipped (``warn``)."""
     folder = Path(folder)
@@ -91,9 +91,9 @@ def read_tum(
     pairs = associate(rgb_stamps, depth_stamps, max_difference)
     if not pairs:
         raise ValueError(f"--tum: no colour image in {folder} has a depth image within {max_difference} s")
-    return _frames(
-        folder, pairs[:limit], rgb_stamps, rgb_rows, depth_rows, intrinsics, depth_scale, track, warn
-    )
+    pairs = pairs[:limit]
+    frames = _frames(folder, pairs, rgb_stamps, rgb_rows, depth_rows, intrinsics, depth_scale, track, warn)
+    return CountedFrames(frames, len(pairs))
 
 
 def _frames(folder, pairs, rgb_stamps, rgb_rows, depth_rows, intrinsics, depth_scale, track, warn):
