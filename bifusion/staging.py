@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,9 +44,10 @@ class _Buffer:
 class PinnedPool:
     """Pinned byte buffers handed out for one use and taken back when no longer busy."""
 
+    allocate: Callable[[int], torch.Tensor] = lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)
     buffers: list[_Buffer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    allocations: int = 0  # how many cudaHostAlloc calls the pool has made (for tests)
+    allocations: int = 0  # how many host allocations (cudaHostAlloc) the pool has made
 
     def acquire(self, nbytes: int) -> _Buffer:
         with self.lock:
@@ -61,7 +62,7 @@ class PinnedPool:
             # Grow by a quarter beyond the need so slowly growing batches do not
             # allocate every call.
             size = _aligned(max(nbytes + nbytes // 4, ALIGN))
-            buf = _Buffer(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+            buf = _Buffer(self.allocate(size))
             self.allocations += 1
             self.buffers.append(buf)
             return buf
