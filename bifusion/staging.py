@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 ALIGN = 64  # bytes; every packed array starts at a multiple, fit for any dtype's view
-MAX_IDLE_BUFFERS = 4  # free buffers kept per direction; the smallest go first
 
 
 def _aligned(nbytes: int) -> int:
@@ -31,18 +30,26 @@ def _aligned(nbytes: int) -> int:
 @dataclass
 class _Buffer:
     tensor: torch.Tensor  # uint8, pinned
+    claimed: bool = True  # handed out and being filled; then event or owner guards it
     event: torch.cuda.Event | None = None  # set while a copy from it may still run
     owner: weakref.ref | None = None  # set while results may still view it
 
     def busy(self) -> bool:
-        if self.owner is not None and self.owner() is not None:
+        if self.claimed or (self.owner is not None and self.owner() is not None):
             return True
         return self.event is not None and not self.event.query()
+
+    def release(self, event: torch.cuda.Event | None = None, owner: weakref.ref | None = None) -> None:
+        self.event, self.owner, self.claimed = event, owner, False
 
 
 @dataclass
 class PinnedPool:
-    """Pinned byte buffers handed out for one use and taken back when no longer busy."""
+    """Pinned byte buffers handed out for one use and taken back when no longer busy.
+
+    Thread-safe. Free buffers too small for a request are dropped when a bigger one is
+    allocated, so the pool holds about one buffer per result still alive, plus one.
+    """
 
     allocate: Callable[[int], torch.Tensor] = lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)
     buffers: list[_Buffer] = field(default_factory=list)
@@ -54,11 +61,9 @@ class PinnedPool:
             free = [b for b in self.buffers if not b.busy() and b.tensor.numel() >= nbytes]
             if free:
                 buf = min(free, key=lambda b: b.tensor.numel())
-                buf.event = buf.owner = None
+                buf.event, buf.owner, buf.claimed = None, None, True
                 return buf
-            idle = sorted((b for b in self.buffers if not b.busy()), key=lambda b: b.tensor.numel())
-            for stale in idle[: max(0, len(idle) + 1 - MAX_IDLE_BUFFERS)]:
-                self.buffers.remove(stale)
+            self.buffers = [b for b in self.buffers if b.busy()]  # the free ones are all too small
             # Grow by a quarter beyond the need so slowly growing batches do not
             # allocate every call.
             size = _aligned(max(nbytes + nbytes // 4, ALIGN))
@@ -99,10 +104,14 @@ class HostStaging:
         host = buf.tensor.numpy()
         for name, part in parts.items():
             _concat(part, _view(host, *layout[name]))
-        device_bytes = torch.empty(total, dtype=torch.uint8, device=self.device)
-        device_bytes.copy_(buf.tensor[:total], non_blocking=True)
-        buf.event = torch.cuda.Event()
-        buf.event.record(torch.cuda.current_stream(self.device))
+        event = None
+        try:
+            device_bytes = torch.empty(total, dtype=torch.uint8, device=self.device)
+            device_bytes.copy_(buf.tensor[:total], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        finally:
+            buf.release(event=event)
         return {name: _tensor_view(device_bytes, *layout[name]) for name, part in parts.items()}
 
     def download(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -115,11 +124,13 @@ class HostStaging:
         buf = self.downloads.acquire(total)
         owner = buf.tensor.numpy()
         out = {}
-        for name, t in tensors.items():
-            _tensor_view(buf.tensor, *layout[name]).copy_(t, non_blocking=True)
-            out[name] = _view(owner, *layout[name])
-        torch.cuda.current_stream(self.device).synchronize()
-        buf.owner = weakref.ref(owner)  # every array in ``out`` keeps ``owner`` alive
+        try:
+            for name, t in tensors.items():
+                _tensor_view(buf.tensor, *layout[name]).copy_(t, non_blocking=True)
+                out[name] = _view(owner, *layout[name])
+            torch.cuda.current_stream(self.device).synchronize()
+        finally:
+            buf.release(owner=weakref.ref(owner))  # every array in ``out`` keeps ``owner`` alive
         return out
 
 
