@@ -37,7 +37,8 @@ def assert_empty(result):
 
 def test_the_model_arithmetic_puts_the_depth_under_the_minimum(tum_frames, encoder):
     frame = near_the_minimum(tum_frames[0])
-    assert 40000 / SCALE >= encoder.config.min_depth  # float64 would keep it
+    in_float64 = 40000 / SCALE
+    assert in_float64 >= encoder.config.min_depth  # float64 would keep it
     assert (depth_metres(frame) < encoder.config.min_depth).all()  # the model's float32 does not
 
 
