@@ -101,11 +101,11 @@ class HostStaging:
             return {n: torch.from_numpy(_concat(p, np.empty(p.shape, p.dtype))) for n, p in parts.items()}
         layout, total = _layout({name: (part.shape, np.dtype(part.dtype)) for name, part in parts.items()})
         buf = self.uploads.acquire(total)
-        host = buf.tensor.numpy()
-        for name, part in parts.items():
-            _concat(part, _view(host, *layout[name]))
         event = None
         try:
+            host = buf.tensor.numpy()
+            for name, part in parts.items():
+                _concat(part, _view(host, *layout[name]))
             device_bytes = torch.empty(total, dtype=torch.uint8, device=self.device)
             device_bytes.copy_(buf.tensor[:total], non_blocking=True)
             event = torch.cuda.Event()
