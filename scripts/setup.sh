@@ -118,7 +118,9 @@ gpu_arch_list() {
 
 install_torch() {
   local device="$1"
-  if python -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('$TORCH_VERSION') and torchvision.__version__.startswith('$TORCHVISION_VERSION')))" 2>/dev/null; then
+  # Kept when the versions match; on a GPU host also the build must have CUDA (an existing
+  # CPU build is replaced). A CUDA build on a CPU host is kept: it runs there too.
+  if python -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('$TORCH_VERSION') and torchvision.__version__.startswith('$TORCHVISION_VERSION') and ('$device' == 'cpu' or torch.version.cuda)))" 2>/dev/null; then
     return
   fi
   if [ "$device" = cpu ]; then
@@ -133,7 +135,8 @@ install_torch() {
   else
     log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (CUDA build)"
   fi
-  pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" numpy ninja wheel
+  # --force-reinstall: a CPU build of the same version would otherwise count as installed.
+  pip install -q --force-reinstall "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" numpy ninja wheel
 }
 
 # 0 when MinkowskiEngine $ME_VERSION imports and its CUDA support is what $1 (cpu/cuda) needs.
