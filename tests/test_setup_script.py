@@ -3,6 +3,7 @@ which device, the MinkowskiEngine wheel cache key, and no half-made venv after a
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -25,6 +26,7 @@ TOOLS += ("sed", "sha256sum", "tar", "touch", "tr", "uname", "nproc", "mktemp", 
 @functools.cache
 def tools_dir() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="setup-tools-"))
+    atexit.register(shutil.rmtree, folder, True)
     for name in TOOLS:
         (folder / name).symlink_to(shutil.which(name))
     return folder
