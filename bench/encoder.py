@@ -41,6 +41,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--points", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="count host-side CUDA calls (cudaHostAlloc, ...) per batched encode",
+    )
     args = parser.parse_args()
 
     encoder = BiFusionEncoder(args.checkpoint, device=args.device, amp=args.amp)
@@ -62,6 +67,7 @@ def main() -> None:
                 encoder.encode([frame], options)
             loop_s.append(time.perf_counter() - start)
         batched, loop = statistics.median(batched_s), statistics.median(loop_s)
+        host_calls = profile_host_calls(encoder, batch, options) if args.profile else None
         rows.append(
             {
                 "batch_size": batch_size,
@@ -71,6 +77,7 @@ def main() -> None:
                 "loop_frames_per_s": round(batch_size / loop, 3),
                 "speedup_vs_loop": round(loop / batched, 3),
                 "stage_ms": {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]},
+                **({"host_calls_per_encode": host_calls} if host_calls is not None else {}),
             }
         )
     report = {
@@ -81,8 +88,33 @@ def main() -> None:
         "repeats": args.repeats,
         "data": str(args.data),
         "results": rows,
+        # Page-locked buffers the encoder allocated over the whole run (reused across encodes).
+        "pinned_buffers_allocated": {
+            "uploads": encoder.staging.uploads.allocations,
+            "downloads": encoder.staging.downloads.allocations,
+        },
     }
     print(json.dumps(report, indent=2))
+
+
+def profile_host_calls(encoder, batch, options) -> dict[str, dict[str, float]]:
+    """Calls and total ms of the CUDA runtime's host-memory functions in one batched encode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if encoder.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        encoder.encode(batch, options)
+    calls = {}
+    for event in prof.key_averages():
+        if event.key in (
+            "cudaHostAlloc",
+            "cudaFreeHost",
+            "cudaHostRegister",
+            "cudaMemcpyAsync",
+            "cudaMemcpy",
+        ):
+            calls[event.key] = {"count": event.count, "ms": round(event.cpu_time_total / 1000, 3)}
+    return calls
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +18,9 @@ from .batch import PackedBatch, pack_frames
 from .checkpoint import load_checkpoint, load_into
 from .config import ModelConfig
 from .demo import default_checkpoint_path
+from .devices import full_precision_float32, resolve_device
 from .model import BiFusionModel
+from .staging import HostStaging
 from .types import EncodeOptions, Frame, FrameResult, FrameStats, Limits
 from .validation import validate_frame
 
@@ -50,19 +53,11 @@ class Points:
     batch_index: torch.Tensor  # P
     point_index: torch.Tensor  # P, pixel index or client row
     counts: torch.Tensor  # B
-    u: torch.Tensor
+    u: torch.Tensor  # P, float64 pixel coordinates
     v: torch.Tensor
     valid: torch.Tensor  # P bool, projection inside the image (and not occluded)
-    xyz_world: torch.Tensor  # P×3
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
-    return device
+    xyz_world: torch.Tensor  # P×3 float32
+    voxel: torch.Tensor  # P×3 integer voxel coordinates (as float32), from float64 world xyz
 
 
 class BiFusionEncoder:
@@ -76,6 +71,8 @@ class BiFusionEncoder:
         limits: Limits | None = None,
     ):
         self.device = resolve_device(device)
+        full_precision_float32()
+        self.staging = HostStaging(self.device)
         path = Path(checkpoint) if checkpoint else default_checkpoint_path()
         ckpt = load_checkpoint(path)
         self.config = ckpt.config
@@ -125,15 +122,15 @@ class BiFusionEncoder:
 
         timer = _StageTimer(self.device)
         with timer("prepare"):
-            batch = pack_frames(frames, options, self.config, self.device)
+            batch = pack_frames(frames, options, self.config, self.staging)
         with timer("points"):
             points = self._points(batch)
         with timer("clip"), self._autocast():
             maps = self.model.clip(self._clip_images(batch)).float()
         with timer("unet"):
-            point_3d = self.model.features_3d(points.xyz_world, points.rgb, points.batch_index)
+            point_3d = self.model.features_3d(points.voxel, points.rgb, points.batch_index)
         with timer("fusion"), self._autocast():
-            grid = geo.pixel_to_grid(
+            gx, gy = geo.pixel_to_grid(
                 points.u,
                 points.v,
                 batch.widths[points.batch_index],
@@ -141,7 +138,7 @@ class BiFusionEncoder:
             )
             features, alpha = self.model.fuse(
                 maps,
-                grid,
+                (gx.float(), gy.float()),
                 point_3d,
                 points.valid,
                 points.batch_index,
@@ -155,6 +152,9 @@ class BiFusionEncoder:
         return results
 
     # Stage 1, 2 and 5's geometry: points, their camera/world coordinates and projection.
+    # Whatever picks something discrete (depth range, voxel, pixel, bounds, occlusion) is
+    # elementwise per point from its own frame's data, in float64 past the depth image
+    # (see geometry.py): a frame's points, voxels and mask do not depend on its batch-mates.
     def _points(self, batch: PackedBatch) -> Points:
         cfg = self.config
         pixel_counts = batch.widths * batch.heights
@@ -168,9 +168,9 @@ class BiFusionEncoder:
         local = pixels - batch.pixel_offsets[depth_frame]
         width = batch.widths[depth_frame]
         depth_xyz = geo.backproject(
-            (local % width).float(),
-            torch.div(local, width, rounding_mode="floor").float(),
-            batch.depth[pixels],
+            (local % width).double(),
+            torch.div(local, width, rounding_mode="floor").double(),
+            batch.depth[pixels].double(),
             batch.intrinsics[depth_frame],
         )
 
@@ -195,9 +195,9 @@ class BiFusionEncoder:
             return out
 
         batch_index = place(depth_frame, client_frame)
-        xyz = place(depth_xyz, batch.client_points[:, :3])
+        xyz = place(depth_xyz, batch.client_points[:, :3].double())
         point_index = place(local, client_index)
-        rgb = place(torch.full_like(depth_xyz, float("nan")), batch.client_points[:, 3:])
+        rgb = place(torch.full_like(depth_xyz, float("nan"), dtype=torch.float32), batch.client_points[:, 3:])
 
         width, height = batch.widths[batch_index], batch.heights[batch_index]
         u, v = geo.project(xyz, batch.intrinsics[batch_index])
@@ -205,9 +205,9 @@ class BiFusionEncoder:
         pixel = batch.pixel_offsets[batch_index] + geo.nearest_pixel(u, v, width, height)
 
         # Occlusion test for client points sent with a depth image (OpenScene's rule).
-        tau = batch.occlusion_tau[batch_index]
+        tau = batch.occlusion_tau[batch_index].double()
         tested = batch.uses_client_points[batch_index] & batch.has_depth[batch_index] & (tau > 0)
-        surface = batch.depth[pixel]
+        surface = batch.depth[pixel].double()
         visible = (surface - xyz[:, 2]).abs() <= tau * xyz[:, 2]
         valid = valid & (~tested | visible)
 
@@ -218,6 +218,7 @@ class BiFusionEncoder:
         fallback = torch.where(valid.unsqueeze(1), image_rgb, mean_rgb)
         rgb = torch.where(torch.isnan(rgb), fallback, rgb)
 
+        xyz_world = geo.transform(xyz, batch.cam_to_world[batch_index])
         return Points(
             rgb=rgb,
             batch_index=batch_index,
@@ -226,7 +227,8 @@ class BiFusionEncoder:
             u=u,
             v=v,
             valid=valid,
-            xyz_world=geo.transform(xyz, batch.cam_to_world[batch_index]),
+            xyz_world=xyz_world.float(),
+            voxel=geo.voxel_coordinates(xyz_world, cfg.voxel_size, cfg.voxel_mode).float(),
         )
 
     def _clip_images(self, batch: PackedBatch) -> torch.Tensor:
@@ -254,33 +256,29 @@ class BiFusionEncoder:
         features: torch.Tensor,
         alpha: torch.Tensor,
     ) -> list[FrameResult]:
-        valid_f = points.valid.float()
         num_frames = len(frames)
-        valid_count = torch.zeros(num_frames, device=valid_f.device).index_add_(
-            0, points.batch_index, valid_f
-        )
-        alpha_sum = torch.zeros(num_frames, device=valid_f.device).index_add_(
-            0, points.batch_index, alpha * valid_f
-        )
+        # Stats in float64: float32 sums over 200 000 points drift by ~1e-5.
+        valid_f = points.valid.double()
+        valid_count = valid_f.new_zeros(num_frames).index_add_(0, points.batch_index, valid_f)
+        alpha_sum = valid_f.new_zeros(num_frames).index_add_(0, points.batch_index, alpha.double() * valid_f)
         want_world = any(o.return_points_world for o in options)
-        host = {
+        device_tensors = {
             "features": features,
             "alpha": alpha,
             "valid": points.valid,
             "point_indices": points.point_index,
-            "points_world": points.xyz_world if want_world else None,
             "counts": points.counts,
             "valid_count": valid_count,
             "alpha_sum": alpha_sum,
         }
-        host = {k: v.to("cpu", non_blocking=True) if v is not None else None for k, v in host.items()}
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        if want_world:
+            device_tensors["points_world"] = points.xyz_world
+        host = self.staging.download(device_tensors)
         counts = host["counts"].tolist()
+        bounds = np.cumsum(counts)[:-1]
 
         def split(name):
-            tensor = host[name]
-            return [None] * num_frames if tensor is None else [t.numpy() for t in torch.split(tensor, counts)]
+            return [None] * num_frames if name not in host else np.split(host[name], bounds)
 
         parts = {k: split(k) for k in ("features", "alpha", "valid", "point_indices", "points_world")}
         results = []

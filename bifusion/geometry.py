@@ -3,6 +3,12 @@
 Points of all frames in a batch lie in one tensor; ``batch_index`` says which frame
 each point belongs to, and per-frame quantities are gathered with it. Nothing here
 loops over frames or points.
+
+Batch invariance: everything here is elementwise arithmetic in a fixed order (no matmul,
+einsum or reduction), so a point's result depends only on its own values and its own
+frame's camera — bitwise the same whatever else is in the batch, on any device. The
+encoder runs these in float64 where a rounding then picks something discrete (a voxel, a
+pixel, the image-bounds test).
 """
 
 from __future__ import annotations
@@ -58,9 +64,15 @@ def inside_image(
 
 
 def transform(xyz: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
-    """Apply per-point rigid transforms: ``pose`` is P×4×4 (or 4×4), ``R · xyz + t``."""
-    rot, trans = pose[..., :3, :3], pose[..., :3, 3]
-    return torch.einsum("...ij,...j->...i", rot, xyz) + trans
+    """Apply per-point rigid transforms: ``pose`` is P×4×4 (or 4×4), ``R · xyz + t``.
+
+    Written out element by element rather than as a (batched) matrix product, whose
+    summation order a BLAS may change with the number of points.
+    """
+    x, y, z = xyz.unbind(-1)
+    p = pose
+    rows = [p[..., i, 0] * x + p[..., i, 1] * y + p[..., i, 2] * z + p[..., i, 3] for i in range(3)]
+    return torch.stack(rows, dim=-1)
 
 
 def invert_rigid(pose: torch.Tensor) -> torch.Tensor:
@@ -68,9 +80,15 @@ def invert_rigid(pose: torch.Tensor) -> torch.Tensor:
     rot_t = pose[..., :3, :3].transpose(-1, -2)
     out = torch.zeros_like(pose)
     out[..., :3, :3] = rot_t
-    out[..., :3, 3] = -torch.einsum("...ij,...j->...i", rot_t, pose[..., :3, 3])
+    out[..., :3, 3] = -transform(pose[..., :3, 3], out)
     out[..., 3, 3] = 1
     return out
+
+
+def voxel_coordinates(xyz: torch.Tensor, voxel_size: float, mode: str) -> torch.Tensor:
+    """Integer voxel coordinates (as floats) of points: ``round`` or ``floor`` of xyz / size."""
+    scaled = xyz / voxel_size
+    return torch.round(scaled) if mode == "round" else torch.floor(scaled)
 
 
 def pixel_to_grid(

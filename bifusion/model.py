@@ -28,19 +28,21 @@ class BiFusionModel(nn.Module):
         self.register_buffer("color_mean", torch.tensor(config.color_mean), persistent=False)
         self.register_buffer("color_std", torch.tensor(config.color_std), persistent=False)
 
-    def features_3d(
-        self, xyz_world: torch.Tensor, rgb: torch.Tensor, batch_index: torch.Tensor
-    ) -> torch.Tensor:
-        """Voxelise all frames' points (batch index as ME's first coordinate), run the
-        U-Net once, slice voxel features back to points, project to ``feature_dim``."""
-        scaled = xyz_world / self.config.voxel_size
-        voxel = torch.round(scaled) if self.config.voxel_mode == "round" else torch.floor(scaled)
+    def features_3d(self, voxel: torch.Tensor, rgb: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """Group all frames' points by voxel (batch index as ME's first coordinate), run the
+        U-Net once, slice voxel features back to points, project to ``feature_dim``.
+
+        ``voxel`` holds integer coordinates (as float32). No points at all (every frame
+        empty) skips the U-Net: MinkowskiEngine cannot build an empty sparse tensor.
+        """
+        if len(voxel) == 0:
+            return rgb.new_zeros(0, self.config.feature_dim)
         coords = torch.cat((batch_index.unsqueeze(1).to(voxel.dtype), voxel), dim=1)
         field = ME.TensorField(
             features=(rgb - self.color_mean) / self.color_std,
             coordinates=coords,
             quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE,
-            device=xyz_world.device,
+            device=voxel.device,
         )
         out = self.unet(field.sparse())
         return self.proj_3d(out.slice(field).F)

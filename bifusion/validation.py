@@ -1,4 +1,10 @@
-"""Checks on a frame before it joins a batch; every failure names its field."""
+"""Checks on a frame before it joins a batch; every failure names its field.
+
+The checks look at the numbers the model will compute with (``inputs``), in the model's
+dtype, so nothing that passes here turns non-finite or out of range inside the model.
+A frame whose depth yields no point in the depth range is not an error: it is encoded
+as a result with zero points (a camera facing the sky must not end a robot's stream).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,27 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError
+from .inputs import client_points, coordinate_limit, intrinsics_vector, pose_matrix
 from .types import EncodeOptions, Frame, Limits
 
 RIGID_TOLERANCE = 1e-3
 
 
 def validate_frame(frame: Frame, options: EncodeOptions, config: ModelConfig, limits: Limits) -> None:
+    bound = coordinate_limit(config)
     _check_color(frame.color, limits)
     _check_intrinsics(frame)
     if frame.cam_to_world is not None:
-        check_pose(frame.cam_to_world)
+        check_pose(frame.cam_to_world, bound)
     if frame.depth is not None:
         _check_depth(frame)
     _check_options(options, limits)
     if frame.points is not None:
-        _check_points(frame.points, limits)
+        _check_points(frame, limits, bound)
     elif frame.depth is None:
         raise InputError("depth", "a depth image is required when no points are sent")
     else:
-        _check_valid_depth(frame, config)
+        _check_backprojection_extent(frame, config, bound)
 
 
 def _check_color(color, limits: Limits) -> None:
@@ -54,14 +62,21 @@ def _check_intrinsics(frame: Frame) -> None:
             raise InputError(f"intrinsics.{name}", f"must be positive, got {value}")
 
 
-def check_pose(pose) -> None:
-    """A finite rigid transform: orthonormal rotation with det +1, last row 0 0 0 1."""
-    arr = np.asarray(pose)
-    if arr.shape != (4, 4):
-        raise InputError("cam_to_world", f"must be 4×4, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+def check_pose(pose, bound: float) -> None:
+    """A finite rigid transform: orthonormal rotation with det +1, last row 0 0 0 1, and a
+    translation within ``bound`` metres."""
+    raw = np.asarray(pose)
+    if raw.shape != (4, 4):
+        raise InputError("cam_to_world", f"must be 4×4, got shape {raw.shape}")
+    if not np.issubdtype(raw.dtype, np.number):
         raise InputError("cam_to_world", "must hold finite numbers")
-    arr = arr.astype(np.float64)
+    arr = pose_matrix(raw)
+    if not np.isfinite(arr).all():
+        raise InputError("cam_to_world", "must hold finite numbers")
+    if np.abs(arr[:3, 3]).max() > bound:
+        raise InputError(
+            "cam_to_world", f"translation {arr[:3, 3].tolist()} is beyond ±{bound:g} m on an axis"
+        )
     if np.abs(arr[3] - (0, 0, 0, 1)).max() > 1e-6:
         raise InputError("cam_to_world", f"last row must be 0 0 0 1, got {arr[3].tolist()}")
     rot = arr[:3, :3]
@@ -92,20 +107,22 @@ def _check_depth(frame: Frame) -> None:
             raise InputError("depth_scale", f"must be a positive finite number, got {scale!r}")
 
 
-def _check_valid_depth(frame: Frame, config: ModelConfig) -> None:
-    depth = frame.depth
-    metres = depth * (1.0 / frame.depth_scale) if depth.dtype == np.uint16 else depth
-    with np.errstate(invalid="ignore"):
-        valid = (metres >= config.min_depth) & (metres <= config.max_depth)
-    if not valid.any():
-        raise InputError(
-            "depth",
-            f"no pixel has a depth within {config.min_depth}..{config.max_depth} m "
-            f"(check depth_scale; got {frame.depth_scale})",
-        )
+def _check_backprojection_extent(frame: Frame, config: ModelConfig, bound: float) -> None:
+    """Depth points reach at most |pixel − principal point| · max_depth / focal length
+    sideways; extreme intrinsics must not push them beyond the coordinate bound."""
+    fx, fy, cx, cy = intrinsics_vector(frame)
+    for name, focal, centre, size in (("fx", fx, cx, frame.width), ("fy", fy, cy, frame.height)):
+        reach = max(abs(centre), abs(size - 1 - centre)) * config.max_depth / focal
+        if not reach <= bound:
+            raise InputError(
+                f"intrinsics.{name}",
+                f"back-projected points would reach {reach:g} m, beyond ±{bound:g} m "
+                "(check the focal length and principal point)",
+            )
 
 
-def _check_points(points, limits: Limits) -> None:
+def _check_points(frame: Frame, limits: Limits, bound: float) -> None:
+    points = frame.points
     if not isinstance(points, np.ndarray):
         raise InputError("points", f"expected a numpy array, got {type(points).__name__}")
     if points.dtype not in (np.float32, np.float64):
@@ -114,8 +131,11 @@ def _check_points(points, limits: Limits) -> None:
         raise InputError("points", f"shape must be N×3 (xyz) or N×6 (xyz+rgb), got {tuple(points.shape)}")
     if not 1 <= len(points) <= limits.max_points:
         raise InputError("points", f"count must be within 1..{limits.max_points}, got {len(points)}")
-    if not np.isfinite(points).all():
-        raise InputError("points", "must hold finite numbers")
+    xyz = client_points(points)[:, :3]  # as the model holds them: float32
+    if not np.isfinite(points).all() or not np.isfinite(xyz).all():
+        raise InputError("points", "must hold finite float32 numbers")
+    if np.abs(xyz).max() > bound:
+        raise InputError("points", f"coordinates must lie within ±{bound:g} m")
     if points.shape[1] == 6 and (points[:, 3:].min() < 0 or points[:, 3:].max() > 255):
         raise InputError("points", "rgb columns must lie in 0..255")
 

@@ -180,7 +180,7 @@ def test_identity_pose_when_absent(encoder, tum_frames):
 def test_client_points_without_rgb_take_the_colour_they_project_onto(encoder, tum_frames, rng):
     frame = client_points_frame(tum_frames[0], 500, rng, with_rgb=True)
     xyz_only = dataclasses.replace(frame, points=frame.points[:, :3].copy())
-    batch = pack_frames([xyz_only], [EncodeOptions()], encoder.config, encoder.device)
+    batch = pack_frames([xyz_only], [EncodeOptions()], encoder.config, encoder.staging)
     points = encoder._points(batch)
     np.testing.assert_allclose(points.rgb.numpy(), frame.points[:, 3:], atol=1e-4)
 

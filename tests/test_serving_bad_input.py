@@ -141,10 +141,10 @@ CASES = {
         "16 numbers",
     ),
     "NaN pose": (lambda r, f: set_pose(r, np.full(16, math.nan)), "cam_to_world", "finite"),
-    "zero valid depth": (
-        lambda r, f: setattr(r.depth, "data", bytes(len(r.depth.data))),
-        "depth",
-        "no pixel has a depth",
+    "pose translation 1e300": (
+        lambda r, f: set_pose(r, np.array([1, 0, 0, 1e300, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1.0])),
+        "cam_to_world",
+        "translation",
     ),
     "depth scale missing": (
         lambda r, f: setattr(r.depth, "depth_scale", 0.0),

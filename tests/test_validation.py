@@ -39,6 +39,11 @@ def bad_last_row(m):
     return m
 
 
+def far_translation(m, distance=1e300):
+    m[0, 3] = distance
+    return m
+
+
 def points(array):
     return lambda f: dataclasses.replace(f, points=array)
 
@@ -51,12 +56,6 @@ CASES = {
     "color not an array": ("color", lambda f: dataclasses.replace(f, color=f.color.tolist())),
     "depth size mismatch": ("depth", lambda f: dataclasses.replace(f, depth=f.depth[:240, :320])),
     "depth int32": ("depth", lambda f: dataclasses.replace(f, depth=f.depth.astype(np.int32))),
-    "depth all zero": ("depth", lambda f: dataclasses.replace(f, depth=np.zeros_like(f.depth))),
-    "depth all NaN": (
-        "depth",
-        lambda f: dataclasses.replace(f, depth=np.full(f.depth.shape, np.nan, np.float32)),
-    ),
-    "depth beyond range": ("depth", lambda f: dataclasses.replace(f, depth_scale=0.001)),
     "depth missing": ("depth", lambda f: dataclasses.replace(f, depth=None)),
     "depth_scale zero": ("depth_scale", lambda f: dataclasses.replace(f, depth_scale=0.0)),
     "depth_scale NaN": ("depth_scale", lambda f: dataclasses.replace(f, depth_scale=float("nan"))),
@@ -72,6 +71,14 @@ CASES = {
         "intrinsics.cx",
         lambda f: dataclasses.replace(f, intrinsics=Intrinsics(525, 525, np.inf, 239.5)),
     ),
+    "fx tiny: back-projection beyond the coordinate bound": (
+        "intrinsics.fx",
+        lambda f: dataclasses.replace(f, intrinsics=Intrinsics(1e-9, 525, 319.5, 239.5)),
+    ),
+    "cy huge: back-projection beyond the coordinate bound": (
+        "intrinsics.fy",
+        lambda f: dataclasses.replace(f, intrinsics=Intrinsics(525, 525, 319.5, 1e300)),
+    ),
     "cy negative": (
         "intrinsics.cy",
         lambda f: dataclasses.replace(f, intrinsics=Intrinsics(525, 525, 319.5, -1)),
@@ -81,10 +88,17 @@ CASES = {
     "pose reflected": ("cam_to_world", with_pose(reflected)),
     "pose sheared": ("cam_to_world", with_pose(sheared)),
     "pose last row": ("cam_to_world", with_pose(bad_last_row)),
+    "pose translation 1e300 (inf as float32)": ("cam_to_world", with_pose(far_translation)),
+    "pose translation beyond the coordinate bound": (
+        "cam_to_world",
+        with_pose(lambda m: far_translation(m, 1e6)),
+    ),
     "pose 3x4": ("cam_to_world", lambda f: dataclasses.replace(f, cam_to_world=f.cam_to_world[:3])),
     "points N×4": ("points", points(np.zeros((10, 4), np.float32))),
     "points empty": ("points", points(np.zeros((0, 3), np.float32))),
     "points NaN": ("points", points(np.full((10, 3), np.nan, np.float32))),
+    "points 1e300 (inf as float32)": ("points", points(np.full((10, 3), 1e300))),
+    "points beyond the coordinate bound": ("points", points(np.full((10, 3), 1e6, np.float32))),
     "points int": ("points", points(np.ones((10, 3), np.int32))),
     "points rgb range": ("points", points(np.full((10, 6), 300.0, np.float32))),
     "points too many": ("points", points(np.ones((200_001, 3), np.float32))),

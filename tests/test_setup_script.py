@@ -1,0 +1,142 @@
+"""scripts/setup.sh's decisions, run for real in bash with fake tools on PATH: which Python,
+which device, the MinkowskiEngine wheel cache key, and no half-made venv after a failure."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = ROOT / "scripts" / "setup.sh"
+BASE_PYTHON = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+# What the sourced functions call besides python: PATH holds these and the fakes, nothing else,
+# so no Python of the machine's own can answer.
+TOOLS = ("bash", "cat", "cut", "dirname", "grep", "ls", "mkdir", "mv", "paste", "readlink", "rm", "sort")
+TOOLS += ("sed", "sha256sum", "tar", "touch", "tr", "uname", "nproc", "mktemp", "env", "id", "sh")
+
+
+@functools.cache
+def tools_dir() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="setup-tools-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for name in TOOLS:
+        (folder / name).symlink_to(shutil.which(name))
+    return folder
+
+
+def run(script: str, path_dirs=(), **env) -> subprocess.CompletedProcess:
+    """Source setup.sh (functions only) in bash and run ``script``, PATH = fakes + the tools."""
+    path = os.pathsep.join([*map(str, path_dirs), str(tools_dir())])
+    full_env = {"HOME": os.environ.get("HOME", "/tmp"), "PATH": path, **env}
+    return subprocess.run(
+        [shutil.which("bash"), "-c", f'source "{SETUP}"\n{script}'],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def fake(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text(f"#!/bin/sh\n{body}\n")
+    tool.chmod(0o755)
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """python3.13 a shim that fails to run (as pyenv's), python3.12 absent, python3.11 the real one."""
+    bin_dir = tmp_path / "bin"
+    fake(bin_dir, "python3.13", 'echo "pyenv: python3.13: command not found" >&2; exit 127')
+    fake(bin_dir, "python3.11", f'exec "{BASE_PYTHON}" "$@"')
+    return bin_dir
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the fakes stand in for this machine's 3.11")
+def test_picks_the_newest_python_that_actually_runs(fakes):
+    done = run("pick_python", [fakes])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "python3.11"
+    fake(fakes, "python3.12", f'exec "{BASE_PYTHON}" "$@"')  # a 3.11 named 3.12 is not 3.12
+    assert run("pick_python", [fakes]).stdout.strip() == "python3.11"
+
+
+def test_says_which_pythons_it_needs_when_none_runs(fakes):
+    (fakes / "python3.11").unlink()
+    done = run("pick_python", [fakes])
+    assert done.returncode != 0
+    assert "no Python 3.13 3.12 3.11 found" in done.stderr
+    assert "BIFUSION_PYTHON" in done.stderr
+
+
+def test_bifusion_python_overrides_and_is_checked(fakes):
+    done = run("pick_python", [fakes], BIFUSION_PYTHON=str(fakes / "python3.13"))
+    assert done.returncode != 0 and "BIFUSION_PYTHON=" in done.stderr
+    if sys.version_info[:2] == (3, 11):
+        done = run("pick_python", [fakes], BIFUSION_PYTHON=str(fakes / "python3.11"))
+        assert done.stdout.strip().endswith("python3.11")
+
+
+def test_device_follows_the_local_gpu(tmp_path):
+    bin_dir = tmp_path / "bin"
+    assert run("target_device", [bin_dir]).stdout.strip() == "cpu"
+    fake(bin_dir, "nvidia-smi", 'printf "9.0\\n8.6\\n9.0\\n"')
+    assert run("gpu_arch_list", [bin_dir]).stdout.strip() == "8.6;9.0"
+    assert run("target_device", [bin_dir]).stdout.strip() == "cuda"
+    assert run("target_device", [bin_dir], BIFUSION_DEVICE="cpu").stdout.strip() == "cpu"
+    done = run("target_device", [bin_dir], BIFUSION_DEVICE="tpu")
+    assert done.returncode != 0 and "BIFUSION_DEVICE" in done.stderr
+    fake(bin_dir, "nvidia-smi", "echo 'NVIDIA-SMI has failed' >&2; exit 9")  # driver without a GPU
+    assert run("target_device", [bin_dir]).stdout.strip() == "cpu"
+
+
+def test_wheel_cache_key_names_python_cuda_and_arch(tmp_path):
+    bin_dir = tmp_path / "bin"
+    fake(bin_dir, "python", f'exec "{sys.executable}" "$@"')
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    cpu = run("minkowski_cache_key cpu ''", [bin_dir])
+    assert cpu.stdout.strip() == f"me0.5.4-torch2.14.1-{tag}-x86_64-cpu", cpu.stderr
+    import torch
+
+    cuda = run("minkowski_cache_key cuda '8.6;9.0+PTX'", [bin_dir])
+    if torch.version.cuda:
+        version = torch.version.cuda.replace(".", "")
+        assert cuda.stdout.strip() == f"me0.5.4-torch2.14.1-{tag}-x86_64-cu{version}-sm86-90"
+    else:
+        assert cuda.returncode != 0 and "has no CUDA" in cuda.stderr
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the fakes stand in for this machine's 3.11")
+def test_a_failed_setup_leaves_no_venv_and_an_interrupted_one_is_redone(fakes, tmp_path):
+    venv = tmp_path / "venv"
+    done = run('make_venv\necho made; test -x "$VENV/bin/python"; false', [fakes], BIFUSION_VENV=str(venv))
+    assert "made" in done.stdout, done.stderr
+    assert done.returncode != 0
+    assert not venv.exists(), "the failed run left its venv behind"
+    assert "removing the unfinished venv" in done.stderr
+    # A run killed before its trap ran leaves the marker: the next run starts again.
+    venv.mkdir()
+    (venv / ".bifusion-setup-incomplete").touch()
+    done = run("make_venv\nfinish_venv", [fakes], BIFUSION_VENV=str(venv))
+    assert done.returncode == 0, done.stderr
+    assert (venv / "bin" / "python").exists() and not (venv / ".bifusion-setup-incomplete").exists()
+    # A finished venv is kept as it is.
+    done = run("make_venv", [fakes], BIFUSION_VENV=str(venv))
+    assert done.returncode == 0 and "using the existing venv" in done.stderr
+
+
+def test_an_existing_venv_of_another_python_is_refused_not_removed(tmp_path, fakes):
+    venv = tmp_path / "venv"
+    fake(venv / "bin", "python", "exit 1")
+    done = run("make_venv", [fakes], BIFUSION_VENV=str(venv))
+    assert done.returncode != 0 and "remove it or set BIFUSION_VENV" in done.stderr
+    assert (venv / "bin" / "python").exists()
