@@ -8,14 +8,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name", "key", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryStatus(_message.Message):
+    __slots__ = ("name", "byte_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    byte_size: int
+    def __init__(self, name: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ColorImage(_message.Message):
     __slots__ = ("encoding", "data")
@@ -77,8 +117,12 @@ class EncodeOptions(_message.Message):
         __slots__ = ()
         FLOAT32: _ClassVar[EncodeOptions.OutputDType]
         FLOAT16: _ClassVar[EncodeOptions.OutputDType]
+        INT8: _ClassVar[EncodeOptions.OutputDType]
+        BFLOAT16: _ClassVar[EncodeOptions.OutputDType]
     FLOAT32: EncodeOptions.OutputDType
     FLOAT16: EncodeOptions.OutputDType
+    INT8: EncodeOptions.OutputDType
+    BFLOAT16: EncodeOptions.OutputDType
     MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     RETURN_WORLD_POINTS_FIELD_NUMBER: _ClassVar[int]
@@ -90,7 +134,7 @@ class EncodeOptions(_message.Message):
     def __init__(self, max_points: _Optional[int] = ..., output_dtype: _Optional[_Union[EncodeOptions.OutputDType, str]] = ..., return_world_points: _Optional[bool] = ..., occlusion_tau: _Optional[float] = ...) -> None: ...
 
 class EncodeFrameRequest(_message.Message):
-    __slots__ = ("frame_id", "color", "depth", "points", "intrinsics", "cam_to_world", "options")
+    __slots__ = ("frame_id", "color", "depth", "points", "intrinsics", "cam_to_world", "options", "output_shared_memory")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     COLOR_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +142,7 @@ class EncodeFrameRequest(_message.Message):
     INTRINSICS_FIELD_NUMBER: _ClassVar[int]
     CAM_TO_WORLD_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     frame_id: str
     color: ColorImage
     depth: DepthImage
@@ -105,7 +150,8 @@ class EncodeFrameRequest(_message.Message):
     intrinsics: Intrinsics
     cam_to_world: _containers.RepeatedScalarFieldContainer[float]
     options: EncodeOptions
-    def __init__(self, frame_id: _Optional[str] = ..., color: _Optional[_Union[ColorImage, _Mapping]] = ..., depth: _Optional[_Union[DepthImage, _Mapping]] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., intrinsics: _Optional[_Union[Intrinsics, _Mapping]] = ..., cam_to_world: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
+    output_shared_memory: SharedMemoryRef
+    def __init__(self, frame_id: _Optional[str] = ..., color: _Optional[_Union[ColorImage, _Mapping]] = ..., depth: _Optional[_Union[DepthImage, _Mapping]] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., intrinsics: _Optional[_Union[Intrinsics, _Mapping]] = ..., cam_to_world: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class FrameStats(_message.Message):
     __slots__ = ("num_points", "valid_ratio", "gate_mean", "stage_ms", "queue_ms", "decode_ms", "batch_size")
@@ -133,7 +179,7 @@ class FrameStats(_message.Message):
     def __init__(self, num_points: _Optional[int] = ..., valid_ratio: _Optional[float] = ..., gate_mean: _Optional[float] = ..., stage_ms: _Optional[_Mapping[str, float]] = ..., queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class EncodeFrameResponse(_message.Message):
-    __slots__ = ("frame_id", "features", "alpha", "valid", "point_indices", "points_world", "stats", "model_id")
+    __slots__ = ("frame_id", "features", "alpha", "valid", "point_indices", "points_world", "stats", "model_id", "features_scale")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +188,7 @@ class EncodeFrameResponse(_message.Message):
     POINTS_WORLD_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_SCALE_FIELD_NUMBER: _ClassVar[int]
     frame_id: str
     features: Tensor
     alpha: Tensor
@@ -150,7 +197,8 @@ class EncodeFrameResponse(_message.Message):
     points_world: Tensor
     stats: FrameStats
     model_id: str
-    def __init__(self, frame_id: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., point_indices: _Optional[_Union[Tensor, _Mapping]] = ..., points_world: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[FrameStats, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    features_scale: Tensor
+    def __init__(self, frame_id: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., point_indices: _Optional[_Union[Tensor, _Mapping]] = ..., points_world: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[FrameStats, _Mapping]] = ..., model_id: _Optional[str] = ..., features_scale: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -175,7 +223,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_points: _Optional[int] = ..., default_max_points: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., min_image_side: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "checkpoint_sha256", "model_id", "device", "demo_weights", "feature_dim", "amp", "limits", "server_version", "config_json")
+    __slots__ = ("architecture", "checkpoint_sha256", "model_id", "device", "demo_weights", "feature_dim", "amp", "limits", "server_version", "config_json", "shared_memory")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +234,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     checkpoint_sha256: str
     model_id: str
@@ -196,4 +245,5 @@ class ModelInfo(_message.Message):
     limits: Limits
     server_version: str
     config_json: str
-    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: _Optional[bool] = ..., feature_dim: _Optional[int] = ..., amp: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: _Optional[bool] = ..., feature_dim: _Optional[int] = ..., amp: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
