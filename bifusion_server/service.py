@@ -273,7 +273,7 @@ class EncoderService:
             raise FieldError(
                 field,
                 f"{points} points would make a response of up to {size} bytes, over the limit of "
-                f"{self._max_message_bytes}; ask for fewer points, a smaller output_dtype or shared memory",
+                f"{self._max_message_bytes}; ask for fewer points, output_dtype FLOAT16, BFLOAT16 or INT8, or shared memory",
             )
         return None
 

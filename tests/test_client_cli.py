@@ -16,7 +16,11 @@ from bifusion import EncodeOptions
 
 def cli(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "bifusion_client", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "bifusion_client", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -9,11 +9,14 @@ base array hands it back), so a result stays valid as long as you hold its array
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import secrets
 import threading
 import weakref
 from collections.abc import Callable
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,20 +25,34 @@ from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import FieldError
 
 MIB = 1024 * 1024
+SHM_DIR = Path("/dev/shm")  # POSIX shared memory as Linux exposes it
 # Regions one client may hold at once; more means results are being kept without end.
 MAX_REGIONS = 64
 
 
 class Region:
-    """One shared-memory object and its registration (an open RegisterSharedMemory call)."""
+    """One shared-memory object (mode 0600: this user only) and its registration (an open
+    RegisterSharedMemory call). Made with os and mmap rather than ``SharedMemory``, whose
+    ``__del__`` fails while numpy arrays still view it; the resource tracker still unlinks it
+    if this process dies without closing."""
 
     def __init__(self, size: int, register: Callable[[pb.RegisterSharedMemoryRequest], grpc.Call]):
-        self.shm = shared_memory.SharedMemory(create=True, size=size)
         self.name = f"bifusion-{secrets.token_hex(8)}"
         self.size = size
+        self.path = SHM_DIR / self.name
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        resource_tracker.register(f"/{self.name}", "shared_memory")
         try:
-            key = self.shm.name.lstrip("/")
-            self.call = register(pb.RegisterSharedMemoryRequest(name=self.name, key=key, byte_size=size))
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        except BaseException:
+            self._unlink()
+            raise
+        finally:
+            os.close(fd)
+        try:
+            request = pb.RegisterSharedMemoryRequest(name=self.name, key=self.name, byte_size=size)
+            self.call = register(request)
             next(self.call)  # the server has mapped it (or the RpcError says why not)
         except BaseException:
             self._destroy()
@@ -49,9 +66,14 @@ class Region:
         self._destroy()
 
     def _destroy(self) -> None:
-        self.shm.unlink()
+        self._unlink()
         with contextlib.suppress(BufferError):  # arrays still view it: the mapping goes when they do
-            self.shm.close()
+            self.map.close()
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        resource_tracker.unregister(f"/{self.name}", "shared_memory")
 
 
 class Slot:
@@ -59,7 +81,7 @@ class Slot:
 
     def __init__(self, region: Region, release: Callable[[Region], None]):
         self.region = region
-        self._base = np.frombuffer(region.shm.buf, np.uint8, count=region.size)
+        self._base = np.frombuffer(region.map, np.uint8, count=region.size)
         weakref.finalize(self._base, release, region)
 
     @property
