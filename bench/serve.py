@@ -149,8 +149,11 @@ def served_levels(address: str, transport: str, folder_frames, args, in_process:
     batched = in_process[f"frames_per_s_batch_{args.max_batch_size}"]
     levels = []
     for concurrency in args.concurrency:
-        frames = max(args.min_frames, args.frames_per_client * concurrency)
-        report = run_load(connect, requests, concurrency=concurrency, frames=frames)
+        if args.frames_per_client:
+            amount = {"frames": max(args.min_frames, args.frames_per_client * concurrency)}
+        else:
+            amount = {"duration_s": args.seconds_per_level}
+        report = run_load(connect, requests, concurrency=concurrency, **amount)
         report["ratio_to_in_process_batched"] = round(report["frames_per_s"] / batched, 3)
         report["p50_ratio_to_in_process_batch_1"] = round(
             report["latency_ms"]["p50"] / in_process["latency_ms_batch_1"], 3
@@ -173,8 +176,15 @@ def main() -> None:
         "--instances", type=int, default=None, help="the server's --instances (default: its own)"
     )
     parser.add_argument("--frames", type=int, default=None, help="real frames to cycle (default: all)")
-    parser.add_argument("--frames-per-client", type=int, default=3, help="timed frames per client and level")
-    parser.add_argument("--min-frames", type=int, default=8, help="timed frames per level at least")
+    parser.add_argument(
+        "--seconds-per-level", type=float, default=5.0, help="timed load per transport and concurrency"
+    )
+    parser.add_argument(
+        "--frames-per-client", type=int, default=None, help="timed frames per client and level instead"
+    )
+    parser.add_argument(
+        "--min-frames", type=int, default=8, help="with --frames-per-client: frames per level at least"
+    )
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=2, help="in-process passes over a batch")
@@ -218,6 +228,11 @@ def main() -> None:
             "max_batch_size": args.max_batch_size,
             "max_batch_delay_ms": args.max_batch_delay_ms,
             "instances": args.instances,
+            "load": (
+                f"{args.frames_per_client} frames per client"
+                if args.frames_per_client
+                else f"{args.seconds_per_level} s per transport and concurrency"
+            ),
             "transports": args.transports,
             "frames": f"{len(folder_frames)} real TUM fr1/xyz frames, 640×480, cycled",
             "request_encoding": "PNG colour + 16-bit PNG depth unless noted",
