@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORT_PATHS = [str(ROOT), str(ROOT / "client")]
 sys.path[:0] = IMPORT_PATHS
 
+from bifusion_client.result import EncodeResult  # noqa: E402
+from bifusion_wire import encoder_pb2 as pb  # noqa: E402
+from bifusion_wire.tensor import shared_output_bytes  # noqa: E402
+
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
 from bench.machine import describe  # noqa: E402
-from bifusion_client.result import EncodeResult  # noqa: E402
 from bifusion_server.respond import (  # noqa: E402
     reference_response,
     response_head,
@@ -35,8 +38,6 @@ from bifusion_server.respond import (  # noqa: E402
     serialise_inline,
 )
 from bifusion_server.shared_memory import SharedMemoryRegistry  # noqa: E402
-from bifusion_wire import encoder_pb2 as pb  # noqa: E402
-from bifusion_wire.tensor import shared_output_bytes  # noqa: E402
 
 DTYPES = ("float32", "float16", "int8", "bfloat16")
 

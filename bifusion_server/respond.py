@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-from bifusion import FrameResult, ModelInfo
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.raw import tensor_field_header
 from bifusion_wire.tensor import DTYPES, float32_to_bfloat16, point_bytes, to_tensor
+
+from bifusion import FrameResult, ModelInfo
 
 from .wire_buffer import new_bytes
 

@@ -15,12 +15,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
-
-from bifusion import BiFusionEncoder, InputError
 from bifusion_wire import SERVICE_NAME
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import FieldError, shared_output_bytes
+from google.protobuf.message import DecodeError
+
+from bifusion import BiFusionEncoder, InputError
 
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
 from .decode import DecodedRequest, decode_request, largest_field, parse_request
@@ -218,7 +218,13 @@ class EncoderService:
     async def _process(self, model: Attached, request: bytes, deadline: float | None) -> bytes:
         """One frame: decode and check it, have it encoded in a batch, serialise the response."""
         self._metrics.request_bytes.observe(len(request))
-        prepared = await self._in_pool(self._decode, model.encoder, request)
+        decoding = asyncio.get_running_loop().run_in_executor(self._io, self._decode, model.encoder, request)
+        try:
+            prepared = await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            # The decode thread runs on; a shared-memory range it holds must not stay held.
+            decoding.add_done_callback(_release_lease)
+            raise
         try:
             encoded = await self._compute(model, prepared, deadline)
             response = await self._in_pool(self._serialise, model, prepared, encoded)
@@ -273,7 +279,8 @@ class EncoderService:
             raise FieldError(
                 field,
                 f"{points} points would make a response of up to {size} bytes, over the limit of "
-                f"{self._max_message_bytes}; ask for fewer points, output_dtype FLOAT16, BFLOAT16 or INT8, or shared memory",
+                f"{self._max_message_bytes}; ask for fewer points, output_dtype FLOAT16, BFLOAT16 or INT8, "
+                "or shared memory",
             )
         return None
 
@@ -356,6 +363,11 @@ class EncoderService:
         self._metrics.inflight.set(self._inflight)
         if self._inflight == 0:
             self._idle.set()
+
+
+def _release_lease(decoding: asyncio.Future) -> None:
+    if not decoding.cancelled() and decoding.exception() is None and decoding.result().lease is not None:
+        decoding.result().lease.release()
 
 
 def _parse(message_type, data: bytes):

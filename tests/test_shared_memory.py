@@ -9,14 +9,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from serving_harness import running_server, wait_until
-
 from bifusion_client.api import BiFusionClient, error_field
 from bifusion_client.request import request_from_folder_frame
-from bifusion_server.shared_memory import SharedMemoryRegistry
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire import encoder_pb2_grpc
 from bifusion_wire.tensor import FieldError
+from serving_harness import running_server, wait_until
+
+from bifusion_server.shared_memory import SharedMemoryRegistry
 
 MAX_POINTS = 1500
 SHM = Path("/dev/shm")
@@ -121,7 +121,7 @@ def test_shared_memory_stream(live, tum_folder_frames):
 def test_registration_ends_when_the_channel_closes(live, shm):
     region = shm(1 << 20)
     channel = grpc.insecure_channel(live.address)
-    call, status = register(encoder_pb2_grpc.BiFusionEncoderStub(channel), "closing-channel", region)
+    _, status = register(encoder_pb2_grpc.BiFusionEncoderStub(channel), "closing-channel", region)
     assert status.byte_size == 1 << 20 and "closing-channel" in registry(live)
     channel.close()
     wait_until(lambda: "closing-channel" not in registry(live), timeout=10, what="the region forgotten")
@@ -156,9 +156,8 @@ def test_bad_registrations_name_the_field(live, shm, change, field):
         name="bad-one", key=region.name.lstrip("/"), byte_size=region.size
     )
     change(request, region)
-    with grpc.insecure_channel(live.address) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            next(encoder_pb2_grpc.BiFusionEncoderStub(channel).RegisterSharedMemory(request))
+    with grpc.insecure_channel(live.address) as channel, pytest.raises(grpc.RpcError) as info:
+        next(encoder_pb2_grpc.BiFusionEncoderStub(channel).RegisterSharedMemory(request))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_field(info.value) == field
 
 
@@ -169,9 +168,8 @@ def test_a_symlink_under_dev_shm_is_refused(live, shm, tmp_path):
     link.symlink_to(target)
     try:
         request = pb.RegisterSharedMemoryRequest(name="link", key=link.name, byte_size=4096)
-        with grpc.insecure_channel(live.address) as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                next(encoder_pb2_grpc.BiFusionEncoderStub(channel).RegisterSharedMemory(request))
+        with grpc.insecure_channel(live.address) as channel, pytest.raises(grpc.RpcError) as info:
+            next(encoder_pb2_grpc.BiFusionEncoderStub(channel).RegisterSharedMemory(request))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_field(info.value) == "key"
     finally:
         link.unlink()

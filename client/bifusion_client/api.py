@@ -11,13 +11,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from bifusion_wire import SERVICE_NAME
+from bifusion_wire import SERVICE_NAME, encoder_pb2_grpc
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire import encoder_pb2_grpc
 from bifusion_wire.raw import LENGTH_DELIMITED, tag, varint
 from bifusion_wire.tensor import OUTPUT_DTYPES, shared_output_bytes
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .request import build_request
 from .result import EncodeResult

@@ -6,10 +6,9 @@ import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import OUTPUT_DTYPES, to_tensor
+from PIL import Image
 
 from .frames_folder import FolderFrame
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.raw import LENGTH_DELIMITED, TensorView, fields
 from bifusion_wire.tensor import FieldError, bfloat16_to_float32, from_tensor

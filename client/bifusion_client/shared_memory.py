@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import FieldError
 
