@@ -11,7 +11,6 @@ Prints JSON (and writes it to --out when given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORT_PATHS = [str(ROOT), str(ROOT / "client")]
 sys.path[:0] = IMPORT_PATHS
 
-from bifusion_client.result import EncodeResult  # noqa: E402
+from bifusion_client.result import EncodeResult, float32_features  # noqa: E402
 from bifusion_wire import encoder_pb2 as pb  # noqa: E402
-from bifusion_wire.tensor import shared_output_bytes  # noqa: E402
+from bifusion_wire.tensor import from_tensor, shared_output_bytes  # noqa: E402
 
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, emit  # noqa: E402
 from bifusion_server.respond import (  # noqa: E402
     reference_response,
     response_head,
@@ -54,14 +53,18 @@ def seconds(fn, repeats: int) -> float:
 
 
 def protobuf_parse(message: bytes) -> dict[str, np.ndarray]:
-    """The client before: protobuf parses (copying every bytes field), numpy views those,
-    features converted to float32 (a copy, even when they already were)."""
+    """The client before: protobuf parses (copying every bytes field), numpy views those, and
+    features become float32 (float32 was copied again by ``astype``; the compact dtypes go
+    through the same conversion as after, so only the parsing differs)."""
     response = pb.EncodeFrameResponse.FromString(message)
-    arrays = {}
-    for name in ("features", "alpha", "valid", "point_indices"):
-        tensor = getattr(response, name)
-        arrays[name] = np.frombuffer(tensor.data, dtype=tensor.dtype if tensor.dtype != "bfloat16" else "<u2")
-    arrays["features"] = arrays["features"].astype(np.float32)
+    arrays = {n: from_tensor(getattr(response, n), n) for n in ("alpha", "valid", "point_indices")}
+    features = from_tensor(response.features, "features")
+    dtype = response.features.dtype
+    if dtype == "float32":
+        arrays["features"] = features.astype(np.float32)
+    else:
+        scale = from_tensor(response.features_scale, "features_scale") if dtype == "int8" else None
+        arrays["features"] = float32_features(features, dtype, scale)
     return arrays
 
 
@@ -152,11 +155,7 @@ def main() -> None:
         "after: one write per tensor into the final bytes, client arrays view the received bytes",
         "dtypes": {dtype: measure(result, dtype, args.repeats) for dtype in args.dtypes},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Prints JSON (and writes it to --out when given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -41,7 +40,7 @@ from bifusion_client.request import request_from_folder_frame  # noqa: E402
 from bifusion_wire.tensor import point_bytes  # noqa: E402
 
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, emit  # noqa: E402
 
 TRANSPORTS = ("float32", "float16", "int8", "bfloat16", "shm")
 
@@ -249,11 +248,7 @@ def main() -> None:
         "response_bytes": sizes,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

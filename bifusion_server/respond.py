@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.raw import tensor_field_header
-from bifusion_wire.tensor import DTYPES, float32_to_bfloat16, point_bytes, to_tensor
+from bifusion_wire.tensor import DTYPES, point_bytes, to_tensor
 
 from bifusion import FrameResult, ModelInfo
 
@@ -71,8 +72,7 @@ def response_outputs(result: FrameResult, output_dtype: str) -> list[Output]:
         outputs.append(Output("features", "int8", features.shape, _chunked(features, _quantiser(scale))))
         outputs.append(Output("features_scale", "float32", scale.shape, _copier(scale)))
     elif output_dtype == "bfloat16":
-        to_bfloat16 = _chunked(features, lambda rows, _: float32_to_bfloat16(rows))
-        outputs.append(Output("features", "bfloat16", features.shape, to_bfloat16))
+        outputs.append(Output("features", "bfloat16", features.shape, _bfloat16_copier(features)))
     else:
         outputs.append(Output("features", output_dtype, features.shape, _copier(features)))
     for name in ("alpha", "valid", "point_indices", "points_world"):
@@ -101,6 +101,15 @@ def _quantiser(scale: np.ndarray) -> Callable[[np.ndarray, slice], np.ndarray]:
 
 def _copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
     return lambda dest: np.copyto(dest, array, casting="same_kind")
+
+
+def _bfloat16_copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
+    """float32 -> bfloat16 bit patterns in one pass (torch rounds to nearest even, keeps NaN)."""
+
+    def fill(dest: np.ndarray) -> None:
+        torch.from_numpy(dest.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(array))
+
+    return fill
 
 
 def _chunked(array: np.ndarray, convert: Callable[[np.ndarray, slice], np.ndarray]) -> Callable:

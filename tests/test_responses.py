@@ -3,6 +3,8 @@ the received bytes, and the error of the compact feature dtypes on the real fram
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
 from bifusion_client.result import EncodeResult
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import bfloat16_to_float32, float32_to_bfloat16
+from bifusion_wire.tensor import bfloat16_to_float32
 from serving_harness import running_server
 
 from bifusion import EncodeOptions
@@ -104,16 +106,25 @@ def test_int8_uses_the_full_range_per_point(results):
     assert (np.abs(values).max(axis=1) == 127).all()
 
 
-def test_bfloat16_rounds_like_torch():
-    values = np.concatenate(
-        [
-            np.random.default_rng(0).standard_normal(10000).astype(np.float32),
-            [0, -0.0, np.inf, -np.inf, 3.4e38],
-        ]
-    ).astype(np.float32)
-    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    np.testing.assert_array_equal(float32_to_bfloat16(values), expected)
-    assert np.isnan(bfloat16_to_float32(float32_to_bfloat16(np.array([np.nan], np.float32)))).all()
+def test_bfloat16_is_rounded_to_nearest_even_and_widened_exactly(results):
+    result = results[0]
+    features = result.features.copy()
+    features[0, :4] = [np.nan, np.inf, -np.inf, 1.00390625]  # 1 + 2^-8: a tie, rounds to even (1.0)
+    result = dataclasses.replace(result, features=features)
+    message = pb.EncodeFrameResponse.FromString(
+        serialise_inline(_head(result), response_outputs(result, "bfloat16"))
+    )
+    bits = np.frombuffer(message.features.data, np.uint16).reshape(features.shape)
+    expected = torch.from_numpy(features).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bits, expected)
+    widened = bfloat16_to_float32(bits)
+    assert (
+        np.isnan(widened[0, 0])
+        and widened[0, 1] == np.inf
+        and widened[0, 2] == -np.inf
+        and widened[0, 3] == 1.0
+    )
+    np.testing.assert_array_equal(widened, torch.from_numpy(features).to(torch.bfloat16).float().numpy())
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ class EncodeResult:
         stats = head.stats
         return cls(
             frame_id=head.frame_id,
-            features=_float32_features(array("features", FEATURE_DTYPES), features_dtype, scale),
+            features=float32_features(array("features", FEATURE_DTYPES), features_dtype, scale),
             alpha=array("alpha"),
             valid=array("valid"),
             point_indices=array("point_indices"),
@@ -123,7 +123,8 @@ class EncodeResult:
         return arrays
 
 
-def _float32_features(features: np.ndarray | None, dtype: str, scale: np.ndarray | None) -> np.ndarray:
+def float32_features(features: np.ndarray | None, dtype: str, scale: np.ndarray | None) -> np.ndarray:
+    """Features as they travelled (``dtype``; int8 with its per-point ``scale``) -> float32."""
     if features is None:
         raise FieldError("features", "missing from the response")
     if dtype == "float32":
