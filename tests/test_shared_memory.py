@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -291,3 +292,18 @@ def test_off_by_default_with_failed_precondition(live_off, shm, tum_folder_frame
             client.encode_request(request_from_folder_frame(tum_folder_frames[0], max_points=MAX_POINTS))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert set(SHM.glob("bifusion-*")) == before, "a refused registration leaves nothing in /dev/shm"
+
+
+def test_an_open_registration_does_not_hold_up_a_drain(encoder, shm):
+    region = shm(1 << 16)
+    with (
+        running_server(encoder, allow_shared_memory=True, drain_seconds=60) as live,
+        grpc.insecure_channel(live.address) as channel,
+    ):
+        call, _ = register(encoder_pb2_grpc.BiFusionEncoderStub(channel), "during-drain", region)
+        started = time.monotonic()
+        live.start_drain().result(timeout=30)
+        assert time.monotonic() - started < 15, "the drain waited for the registration call"
+        with pytest.raises(grpc.RpcError):
+            list(call)  # the server ended it
+        assert "during-drain" not in registry(live)
