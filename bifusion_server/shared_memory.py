@@ -56,6 +56,14 @@ class Region:
                 raise FieldError(
                     "byte_size", f"{byte_size} is larger than the object's real size, {info.st_size} bytes"
                 )
+            # Back every page now: tmpfs allocates on first write, and a write that finds
+            # /dev/shm full would kill the server with SIGBUS instead of failing here.
+            try:
+                os.posix_fallocate(fd, 0, byte_size)
+            except OSError as exc:
+                raise FieldError(
+                    "byte_size", f"cannot back {byte_size} bytes in {SHM_DIR}: {exc.strerror}"
+                ) from None
             self._map = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

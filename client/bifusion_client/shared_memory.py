@@ -42,7 +42,8 @@ class Region:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
         resource_tracker.register(f"/{self.name}", "shared_memory")
         try:
-            os.ftruncate(fd, size)
+            # Allocated now, so a full /dev/shm fails here (ENOSPC) rather than as SIGBUS later.
+            os.posix_fallocate(fd, 0, size)
             self.map = mmap.mmap(fd, size)
         except BaseException:
             self._unlink()
