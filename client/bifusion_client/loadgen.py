@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
-
 from bifusion_wire import encoder_pb2 as pb
 
 from .api import BiFusionClient
