@@ -37,3 +37,14 @@ def describe(device: str | None = None) -> dict:
     if device:
         info["device"] = device
     return info
+
+
+def emit(report: dict, out=None) -> None:
+    """Print a benchmark's JSON report, and write it to ``out`` (a Path) when given."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

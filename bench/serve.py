@@ -1,21 +1,25 @@
 """Serving overhead: frames/s and latency through gRPC vs the in-process encoder, same run.
 
 Measures, on the real TUM frames:
-- the in-process encoder's frames/s, one frame per call and in batches of --max-batch-size;
-- a ``python -m bifusion_server`` child loaded by closed-loop clients at each --concurrency
-  (frames/s, p50/p95/p99 latency, mean batch size), and its ratio to the in-process rate;
-- response bytes per frame (float32 and float16 features) against the raw tensor bytes;
+- the in-process encoder's frames/s and latency, one frame per call and in batches of
+  --max-batch-size;
+- a ``python -m bifusion_server`` child loaded by closed-loop clients at each --concurrency,
+  for each --transports entry: TCP with float32, float16, int8 or bfloat16 features, and
+  ``shm`` (float32 outputs written into the client's shared memory); frames/s, p50/p95/p99
+  latency, mean batch size, the rate's ratio to the in-process batched rate and p50's ratio
+  to the in-process batch-1 latency;
+- response bytes per frame for each feature dtype against the raw tensor bytes;
 - request transport: PNG vs raw colour/depth at concurrency 1 (bytes and latency).
 
 Prints JSON (and writes it to --out when given).
 
-    python bench/serve.py [--points 20000] [--concurrency 1 4 16] [--out bench/results/serve-cpu.json]
+    python bench/serve.py [--max-points 20000] [--concurrency 1 4 16 64] [--transports float32 shm]
+                          [--out bench/results/serve-cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -25,19 +29,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The checkout's packages, installed or not: bifusion*, and the client distribution in client/.
+IMPORT_PATHS = [str(ROOT), str(ROOT / "client")]
+sys.path[:0] = IMPORT_PATHS
 
 from bifusion_client.api import BiFusionClient  # noqa: E402
 from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
 from bifusion_client.loadgen import run_load  # noqa: E402
 from bifusion_client.request import request_from_folder_frame  # noqa: E402
+from bifusion_wire.tensor import point_bytes  # noqa: E402
 
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, emit  # noqa: E402
 
-FEATURE_DIM = 256
-# Per point besides features: alpha float32, valid bool, point index int64.
-OTHER_BYTES_PER_POINT = 4 + 1 + 8
+TRANSPORTS = ("float32", "float16", "int8", "bfloat16", "shm")
 
 
 def in_process_rates(args) -> dict:
@@ -58,9 +63,11 @@ def in_process_rates(args) -> dict:
                 count += len(group)
         return round(count / (time.perf_counter() - started), 3)
 
+    batch_1 = rate([[f] for f in batch])
     return {
         "device": str(encoder.device),
-        "frames_per_s_batch_1": rate([[f] for f in batch]),
+        "frames_per_s_batch_1": batch_1,
+        "latency_ms_batch_1": round(1000.0 / batch_1, 1),
         f"frames_per_s_batch_{args.max_batch_size}": rate([batch]),
     }
 
@@ -84,8 +91,13 @@ class ServerChild:
         ]  # fmt: skip
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
+        if "shm" in args.transports:
+            command.append("--allow-shared-memory")
+        if args.instances:
+            command += ["--instances", str(args.instances)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([*IMPORT_PATHS, os.environ.get("PYTHONPATH", "")])}
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -106,22 +118,48 @@ class ServerChild:
         self.process.wait(120)
 
 
-def response_sizes(address: str, request_fp32, request_fp16) -> dict:
+def response_sizes(address: str, folder_frame, points: int, transports) -> dict:
+    """Bytes of one response per feature dtype, next to its raw tensor bytes."""
+    sizes = {}
     with BiFusionClient(address) as client:
-        fp32 = client.encode_request(request_fp32)
-        fp16 = client.encode_request(request_fp16)
-    n = fp32.num_points
-    raw32 = n * (FEATURE_DIM * 4 + OTHER_BYTES_PER_POINT)
-    raw16 = n * (FEATURE_DIM * 2 + OTHER_BYTES_PER_POINT)
-    return {
-        "points": n,
-        "float32": _size_row(fp32.wire_bytes, raw32),
-        "float16": _size_row(fp16.wire_bytes, raw16),
-    }
+        feature_dim = client.model_info().feature_dim
+        for dtype in dict.fromkeys(t for t in transports if t != "shm") or ("float32",):
+            result = client.encode_request(
+                request_from_folder_frame(folder_frame, max_points=points, output_dtype=dtype)
+            )
+            raw = result.num_points * point_bytes(feature_dim, dtype, world=False)
+            sizes[dtype] = {
+                "response_bytes": result.wire_bytes,
+                "raw_tensor_bytes": raw,
+                "ratio": round(result.wire_bytes / raw, 5),
+            }
+    return {"points": result.num_points, **sizes}
 
 
-def _size_row(wire: int, raw: int) -> dict:
-    return {"response_bytes": wire, "raw_tensor_bytes": raw, "ratio": round(wire / raw, 5)}
+def served_levels(address: str, transport: str, folder_frames, args, in_process: dict) -> list[dict]:
+    """Closed-loop load at each concurrency for one transport."""
+    dtype = "float32" if transport == "shm" else transport
+    requests = [
+        request_from_folder_frame(f, max_points=args.points, output_dtype=dtype) for f in folder_frames
+    ]
+
+    def connect():
+        return BiFusionClient(address, shared_memory=transport == "shm")
+
+    batched = in_process[f"frames_per_s_batch_{args.max_batch_size}"]
+    levels = []
+    for concurrency in args.concurrency:
+        if args.frames_per_client:
+            amount = {"frames": max(args.min_frames, args.frames_per_client * concurrency)}
+        else:
+            amount = {"duration_s": args.seconds_per_level}
+        report = run_load(connect, requests, concurrency=concurrency, **amount)
+        report["ratio_to_in_process_batched"] = round(report["frames_per_s"] / batched, 3)
+        report["p50_ratio_to_in_process_batch_1"] = round(
+            report["latency_ms"]["p50"] / in_process["latency_ms_batch_1"], 3
+        )
+        levels.append(report)
+    return levels
 
 
 def main() -> None:
@@ -129,10 +167,24 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--points", type=int, default=20_000, help="max_points per frame")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--frames-per-client", type=int, default=3, help="timed frames per client and level")
-    parser.add_argument("--min-frames", type=int, default=8, help="timed frames per level at least")
+    parser.add_argument("--points", "--max-points", type=int, default=20_000, help="max_points per frame")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument(
+        "--transports", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS, help="served transports"
+    )
+    parser.add_argument(
+        "--instances", type=int, default=None, help="the server's --instances (default: its own)"
+    )
+    parser.add_argument("--frames", type=int, default=None, help="real frames to cycle (default: all)")
+    parser.add_argument(
+        "--seconds-per-level", type=float, default=5.0, help="timed load per transport and concurrency"
+    )
+    parser.add_argument(
+        "--frames-per-client", type=int, default=None, help="timed frames per client and level instead"
+    )
+    parser.add_argument(
+        "--min-frames", type=int, default=8, help="with --frames-per-client: frames per level at least"
+    )
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=2, help="in-process passes over a batch")
@@ -143,31 +195,26 @@ def main() -> None:
     load_before = os.getloadavg()
     started = time.perf_counter()
     in_process = in_process_rates(args)
-    best_in_process = max(v for k, v in in_process.items() if k.startswith("frames_per_s"))
 
-    folder_frames = load_frames_folder(args.data)
+    folder_frames = load_frames_folder(args.data, limit=args.frames)
     png = [request_from_folder_frame(f, max_points=args.points) for f in folder_frames]
     raw_formats = {"color_format": "raw", "depth_format": "raw"}
     raw = [request_from_folder_frame(f, max_points=args.points, **raw_formats) for f in folder_frames]
     server = ServerChild(args)
     try:
         server.wait_serving()
+        served = {
+            t: served_levels(server.address, t, folder_frames, args, in_process) for t in args.transports
+        }
 
         def connect():
             return BiFusionClient(server.address)
 
-        served = []
-        for concurrency in args.concurrency:
-            frames = max(args.min_frames, args.frames_per_client * concurrency)
-            report = run_load(connect, png, concurrency=concurrency, frames=frames)
-            report["ratio_to_in_process"] = round(report["frames_per_s"] / best_in_process, 3)
-            served.append(report)
         transport = {
             name: run_load(connect, requests, concurrency=1, frames=args.min_frames)
             for name, requests in (("png", png), ("raw", raw))
         }
-        fp16 = request_from_folder_frame(folder_frames[0], max_points=args.points, float16=True)
-        sizes = response_sizes(server.address, png[0], fp16)
+        sizes = response_sizes(server.address, folder_frames[0], args.points, args.transports)
     finally:
         server.stop()
 
@@ -180,13 +227,20 @@ def main() -> None:
             "points_per_frame": args.points,
             "max_batch_size": args.max_batch_size,
             "max_batch_delay_ms": args.max_batch_delay_ms,
+            "instances": args.instances,
+            "load": (
+                f"{args.frames_per_client} frames per client"
+                if args.frames_per_client
+                else f"{args.seconds_per_level} s per transport and concurrency"
+            ),
+            "transports": args.transports,
             "frames": f"{len(folder_frames)} real TUM fr1/xyz frames, 640×480, cycled",
             "request_encoding": "PNG colour + 16-bit PNG depth unless noted",
             "client": "closed loop, one channel per client, in a separate process on the same machine",
             "note": args.note,
         },
         "in_process": in_process,
-        "served": served,
+        "served": served,  # by transport, one row per concurrency
         "transport_concurrency_1": {
             name: {k: r[k] for k in ("frames_per_s", "latency_ms", "request_bytes_per_frame")}
             for name, r in transport.items()
@@ -194,11 +248,7 @@ def main() -> None:
         "response_bytes": sizes,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .config import ServerConfig
 from .metrics import ServerMetrics
 from .respond import model_info_message
 from .service import Attached, EncoderService
+from .shared_memory import SharedMemoryRegistry
 from .warmup import synthetic_frames
 
 log = logging.getLogger("bifusion.server")
@@ -87,8 +88,13 @@ class BiFusionServer:
             self._metrics_http = self.metrics.serve_http(config.host, config.metrics_port)
             self.metrics_port = self._metrics_http.server_port
             log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+        self._shared_memory = SharedMemoryRegistry() if config.allow_shared_memory else None
         self._service = EncoderService(
-            self.metrics, self._io_pool, config.max_message_bytes, stream_window=config.max_batch_size
+            self.metrics,
+            self._io_pool,
+            config.max_message_bytes,
+            stream_window=config.max_batch_size,
+            shared_memory=self._shared_memory,
         )
         self._health = health.aio.HealthServicer()
         for name in HEALTH_NAMES:
@@ -153,6 +159,8 @@ class BiFusionServer:
             await self._grpc.stop(STOP_GRACE_SECONDS)
         if self.batcher is not None:
             await self.batcher.close(timeout=STOP_GRACE_SECONDS)
+        if self._shared_memory is not None:
+            self._shared_memory.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -193,7 +201,12 @@ class BiFusionServer:
         )
         self.batcher.start()
         info_message = model_info_message(
-            info, config.max_batch_size, config.max_queue, config.max_message_bytes, server_version()
+            info,
+            config.max_batch_size,
+            config.max_queue,
+            config.max_message_bytes,
+            server_version(),
+            shared_memory=config.allow_shared_memory,
         )
         self._service.attach(Attached(encoder, self.batcher, info_message.SerializeToString()))
         for name in HEALTH_NAMES:

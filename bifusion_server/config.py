@@ -36,6 +36,7 @@ class ServerConfig:
     warmup_frames: int = 1
     drain_seconds: float = 30.0
     log_level: str = "INFO"
+    allow_shared_memory: bool = False  # same-host clients may have outputs written to their /dev/shm
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,6 +120,8 @@ HELP = {
     "warmup_frames": "synthetic frames run through the model before reporting SERVING (0 skips)",
     "drain_seconds": "on SIGTERM, how long in-flight requests may take to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "allow_shared_memory": "let clients on this host register /dev/shm regions and have outputs written "
+    "there (RegisterSharedMemory); off: those calls get FAILED_PRECONDITION",
 }
 
 

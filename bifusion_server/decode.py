@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import FieldError, check_byte_count, from_tensor
+from bifusion_wire.tensor import OUTPUT_DTYPES, FieldError, check_byte_count, from_tensor
 from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
@@ -29,7 +29,9 @@ DEPTH_PNG_MODES = ("I;16", "I;16L", "I;16B", "I")
 class DecodedRequest:
     frame: Frame
     options: EncodeOptions
-    float16: bool  # features go out as float16
+    output_dtype: str  # the features' Tensor dtype on the way out: float32, float16, int8, bfloat16
+    # The request's output_shared_memory, when it asks for its outputs there.
+    output_shared_memory: pb.SharedMemoryRef | None = None
 
 
 def parse_request(data: bytes) -> pb.EncodeFrameRequest:
@@ -69,8 +71,11 @@ def decode_request(request: pb.EncodeFrameRequest, limits: Limits) -> DecodedReq
         frame.depth, frame.depth_scale = _decode_depth(request.depth, width, height)
     if request.HasField("points"):
         frame.points = from_tensor(request.points, "points", dtypes=("float32",))
-    options, float16 = _options(request.options)
-    return DecodedRequest(frame=frame, options=options, float16=float16)
+    options, output_dtype = _options(request.options)
+    shared = request.output_shared_memory if request.HasField("output_shared_memory") else None
+    return DecodedRequest(
+        frame=frame, options=options, output_dtype=output_dtype, output_shared_memory=shared
+    )
 
 
 def _image_size(request: pb.EncodeFrameRequest, limits: Limits) -> tuple[int, int]:
@@ -168,12 +173,13 @@ def _pose(values) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64).reshape(4, 4)
 
 
-def _options(options: pb.EncodeOptions) -> tuple[EncodeOptions, bool]:
-    if options.output_dtype not in (pb.EncodeOptions.FLOAT32, pb.EncodeOptions.FLOAT16):
-        raise FieldError("options.output_dtype", f"must be FLOAT32 or FLOAT16, got {options.output_dtype}")
+def _options(options: pb.EncodeOptions) -> tuple[EncodeOptions, str]:
+    if options.output_dtype not in OUTPUT_DTYPES:
+        names = ", ".join(pb.EncodeOptions.OutputDType.Name(v) for v in OUTPUT_DTYPES)
+        raise FieldError("options.output_dtype", f"must be one of {names}, got {options.output_dtype}")
     decoded = EncodeOptions(
         max_points=options.max_points or None,
         return_points_world=options.return_world_points,
         occlusion_tau=options.occlusion_tau if options.HasField("occlusion_tau") else None,
     )
-    return decoded, options.output_dtype == pb.EncodeOptions.FLOAT16
+    return decoded, OUTPUT_DTYPES[options.output_dtype]

@@ -1,47 +1,133 @@
-"""Encoder results and model facts -> wire messages."""
+"""Encoder results and model facts -> wire messages.
+
+A response is mostly feature bytes (20 MB for 20 000 points at float32), so they are written
+once, straight from the encoder's arrays into the response (converted to the asked dtype on
+the way), or into the client's shared-memory region: small fields go through protobuf, each
+big tensor is appended as a hand-framed ``Tensor`` field (protobuf takes fields in any order).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import to_tensor
+from bifusion_wire.raw import tensor_field_header
+from bifusion_wire.tensor import DTYPES, point_bytes, to_tensor
 
 from bifusion import FrameResult, ModelInfo
 
-# Per point: alpha float32, valid bool, point index int64; world xyz float32 when asked.
-FIXED_BYTES_PER_POINT = 4 + 1 + 8
-WORLD_BYTES_PER_POINT = 12
+from .wire_buffer import new_bytes
+
+INT8_MAX = 127
 ENVELOPE_BYTES = 64 * 1024  # ids, shapes, stats and protobuf framing, generously
+# Rows converted per step: the float temporaries stay small (2 MB) and in cache.
+CHUNK_ROWS = 2048
 
 
 def model_id(sha256: str) -> str:
     return sha256[:12]
 
 
-def response_bytes_bound(num_points: int, feature_dim: int, float16: bool, world: bool) -> int:
+def response_bytes_bound(num_points: int, feature_dim: int, output_dtype: str, world: bool) -> int:
     """An upper bound on a response's size, checked before the frame reaches the model."""
-    per_point = feature_dim * (2 if float16 else 4) + FIXED_BYTES_PER_POINT
-    per_point += WORLD_BYTES_PER_POINT if world else 0
-    return num_points * per_point + ENVELOPE_BYTES
+    return num_points * point_bytes(feature_dim, output_dtype, world) + ENVELOPE_BYTES
 
 
-def build_response(
-    result: FrameResult,
-    float16: bool,
-    model: str,
-    queue_ms: float,
-    decode_ms: float,
-    batch_size: int,
-) -> bytes:
+@dataclass
+class Output:
+    """One tensor of a response: where it goes and how to write its bytes."""
+
+    field: str  # EncodeFrameResponse field name
+    dtype: str  # Tensor dtype
+    shape: tuple[int, ...]
+    fill: Callable[[np.ndarray], None]  # writes the values into a destination array of this shape
+
+    @property
+    def storage(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.storage.itemsize
+
+    @property
+    def number(self) -> int:
+        return pb.EncodeFrameResponse.DESCRIPTOR.fields_by_name[self.field].number
+
+    def write_into(self, buffer: memoryview) -> None:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        self.fill(np.frombuffer(buffer, dtype=self.storage, count=count).reshape(self.shape))
+
+
+def response_outputs(result: FrameResult, output_dtype: str) -> list[Output]:
+    """The response's tensors, features converted to ``output_dtype`` as they are written."""
+    features = result.features
+    outputs = []
+    if output_dtype == "int8":
+        scale = int8_scales(features)
+        outputs.append(Output("features", "int8", features.shape, _chunked(features, _quantiser(scale))))
+        outputs.append(Output("features_scale", "float32", scale.shape, _copier(scale)))
+    elif output_dtype == "bfloat16":
+        outputs.append(Output("features", "bfloat16", features.shape, _bfloat16_copier(features)))
+    else:
+        outputs.append(Output("features", output_dtype, features.shape, _copier(features)))
+    for name in ("alpha", "valid", "point_indices", "points_world"):
+        array = getattr(result, name)
+        if array is not None:
+            outputs.append(Output(name, array.dtype.name, array.shape, _copier(array)))
+    return outputs
+
+
+def int8_scales(features: np.ndarray) -> np.ndarray:
+    """Per point: max|x| / 127, so the largest component maps to ±127 (0 for an all-zero row)."""
+    if not len(features):
+        return np.zeros(0, np.float32)
+    return (np.abs(features).max(axis=1) / INT8_MAX).astype(np.float32)
+
+
+def quantise_int8(features: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Symmetric int8: round(x / scale), within ±127 by construction of ``scale``."""
+    inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    return np.rint(features * inverse[:, None]).astype(np.int8)
+
+
+def _quantiser(scale: np.ndarray) -> Callable[[np.ndarray, slice], np.ndarray]:
+    return lambda rows, where: quantise_int8(rows, scale[where])
+
+
+def _copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
+    return lambda dest: np.copyto(dest, array, casting="same_kind")
+
+
+def _bfloat16_copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
+    """float32 -> bfloat16 bit patterns in one pass (torch rounds to nearest even, keeps NaN)."""
+
+    def fill(dest: np.ndarray) -> None:
+        torch.from_numpy(dest.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(array))
+
+    return fill
+
+
+def _chunked(array: np.ndarray, convert: Callable[[np.ndarray, slice], np.ndarray]) -> Callable:
+    """Converts ``array`` a block of rows at a time (``convert(rows, which)``) into the destination."""
+
+    def fill(dest: np.ndarray) -> None:
+        for start in range(0, len(array), CHUNK_ROWS):
+            where = slice(start, start + CHUNK_ROWS)
+            dest[where] = convert(array[where], where)
+
+    return fill
+
+
+def response_head(
+    result: FrameResult, model: str, queue_ms: float, decode_ms: float, batch_size: int
+) -> pb.EncodeFrameResponse:
+    """Everything of a response but its tensors."""
     response = pb.EncodeFrameResponse(frame_id=result.frame_id, model_id=model)
-    to_tensor(result.features.astype(np.float16) if float16 else result.features, response.features)
-    to_tensor(result.alpha, response.alpha)
-    to_tensor(result.valid, response.valid)
-    to_tensor(result.point_indices, response.point_indices)
-    if result.points_world is not None:
-        to_tensor(result.points_world, response.points_world)
     stats = response.stats
     stats.num_points = result.stats.num_points
     stats.valid_ratio = result.stats.valid_ratio
@@ -50,11 +136,48 @@ def build_response(
     stats.queue_ms = queue_ms
     stats.decode_ms = decode_ms
     stats.batch_size = batch_size
+    return response
+
+
+def serialise_inline(head: pb.EncodeFrameResponse, outputs: list[Output]) -> bytes:
+    """The response's wire bytes, each tensor's data written once, in place."""
+    head_bytes = head.SerializeToString()
+    headers = [tensor_field_header(o.number, o.dtype, o.shape, o.nbytes) for o in outputs]
+    total = len(head_bytes) + sum(len(h) + o.nbytes for h, o in zip(headers, outputs, strict=True))
+    message, buffer = new_bytes(total)
+    buffer[: len(head_bytes)] = head_bytes
+    position = len(head_bytes)
+    for header, output in zip(headers, outputs, strict=True):
+        buffer[position : position + len(header)] = header
+        position += len(header)
+        output.write_into(buffer[position : position + output.nbytes])
+        position += output.nbytes
+    assert position == total
+    buffer.release()
+    return message
+
+
+def reference_response(head: pb.EncodeFrameResponse, result: FrameResult, output_dtype: str) -> bytes:
+    """The same response built the plain protobuf way (each tensor copied three times): what
+    ``serialise_inline`` is tested and benchmarked against."""
+    response = pb.EncodeFrameResponse()
+    response.CopyFrom(head)
+    for output in response_outputs(result, output_dtype):
+        values = np.empty(output.shape, output.storage)
+        output.fill(values)
+        tensor = getattr(response, output.field)
+        to_tensor(values, tensor)
+        tensor.dtype = output.dtype
     return response.SerializeToString()
 
 
 def model_info_message(
-    info: ModelInfo, max_batch_size: int, max_queue: int, max_message_bytes: int, version: str
+    info: ModelInfo,
+    max_batch_size: int,
+    max_queue: int,
+    max_message_bytes: int,
+    version: str,
+    shared_memory: bool = False,
 ) -> pb.ModelInfo:
     return pb.ModelInfo(
         architecture=info.architecture,
@@ -75,4 +198,5 @@ def model_info_message(
         ),
         server_version=version,
         config_json=json.dumps(info.config.to_dict(), sort_keys=True),
+        shared_memory=shared_memory,
     )

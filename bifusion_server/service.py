@@ -16,19 +16,29 @@ from dataclasses import dataclass
 
 import grpc
 from bifusion_wire import SERVICE_NAME
-from bifusion_wire.tensor import FieldError
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.tensor import FieldError, shared_output_bytes
+from google.protobuf.message import DecodeError
 
 from bifusion import BiFusionEncoder, InputError
 
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
 from .decode import DecodedRequest, decode_request, largest_field, parse_request
 from .metrics import ServerMetrics
-from .respond import build_response, model_id, response_bytes_bound
+from .respond import (
+    model_id,
+    response_bytes_bound,
+    response_head,
+    response_outputs,
+    serialise_inline,
+)
+from .shared_memory import Lease, Region, SharedMemoryRegistry
 
 log = logging.getLogger("bifusion.server")
 Code = grpc.StatusCode
 FIELD_METADATA_KEY = "bifusion-field"
 SHUTTING_DOWN = "the server is shutting down; retry on another instance"
+SHARED_MEMORY_OFF = "shared memory is off on this server (start it with --allow-shared-memory)"
 # Encoder field names that differ from the proto's.
 ENCODER_TO_PROTO_FIELD = {"depth_scale": "depth.depth_scale"}
 
@@ -66,6 +76,7 @@ class Prepared:
 
     decoded: DecodedRequest
     decode_seconds: float
+    lease: Lease | None = None  # the shared-memory range the outputs go to
 
 
 @dataclass
@@ -79,9 +90,15 @@ class Attached:
 
 class EncoderService:
     def __init__(
-        self, metrics: ServerMetrics, io_executor: Executor, max_message_bytes: int, stream_window: int
+        self,
+        metrics: ServerMetrics,
+        io_executor: Executor,
+        max_message_bytes: int,
+        stream_window: int,
+        shared_memory: SharedMemoryRegistry | None = None,
     ):
         self._metrics = metrics
+        self._shared = shared_memory  # None: --allow-shared-memory is off
         self._io = io_executor
         self._max_message_bytes = max_message_bytes
         self._stream_window = stream_window
@@ -113,6 +130,8 @@ class EncoderService:
                 "EncodeFrame": grpc.unary_unary_rpc_method_handler(self.encode_frame),
                 "EncodeStream": grpc.stream_stream_rpc_method_handler(self.encode_stream),
                 "GetModelInfo": grpc.unary_unary_rpc_method_handler(self.get_model_info),
+                "RegisterSharedMemory": grpc.unary_stream_rpc_method_handler(self.register_shared_memory),
+                "UnregisterSharedMemory": grpc.unary_unary_rpc_method_handler(self.unregister_shared_memory),
             },
         )
 
@@ -144,7 +163,51 @@ class EncoderService:
 
         return await self._guarded("GetModelInfo", context, work)
 
+    async def register_shared_memory(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """Maps the region, confirms it, then holds it for as long as the call stays open: the
+        client's cancel, its channel closing, UnregisterSharedMemory or the server stopping
+        all end the call and forget the region. The open call is not work in flight (a drain
+        does not wait for it)."""
+
+        async def work() -> Region:
+            message = _parse(pb.RegisterSharedMemoryRequest, request)
+            try:
+                region = self._shared_memory().register(message)
+            except FieldError as error:
+                raise ServiceError.invalid(error) from None
+            status = pb.SharedMemoryStatus(name=region.name, byte_size=region.byte_size)
+            await context.write(status.SerializeToString())
+            log.info(
+                "shared memory %r registered: /dev/shm/%s, %d bytes",
+                region.name,
+                region.key,
+                region.byte_size,
+            )
+            return region
+
+        region = await self._guarded("RegisterSharedMemory", context, work)
+        try:
+            await region.unregistered.wait()
+        finally:
+            if self._shared.unregister(region.name, region):
+                log.info("shared memory %r forgotten: its registration call ended", region.name)
+
+    async def unregister_shared_memory(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def work() -> bytes:
+            message = _parse(pb.UnregisterSharedMemoryRequest, request)
+            if not self._shared_memory().unregister(message.name):
+                raise ServiceError(Code.INVALID_ARGUMENT, f"name: no region named {message.name!r}", "name")
+            log.info("shared memory %r unregistered", message.name)
+            return pb.UnregisterSharedMemoryResponse().SerializeToString()
+
+        return await self._guarded("UnregisterSharedMemory", context, work)
+
     # Steps --------------------------------------------------------------------------
+    def _shared_memory(self) -> SharedMemoryRegistry:
+        if self._shared is None:
+            raise ServiceError(Code.FAILED_PRECONDITION, SHARED_MEMORY_OFF)
+        return self._shared
+
     def _accepting(self) -> Attached:
         if self._draining.is_set():
             raise ServiceError(Code.UNAVAILABLE, SHUTTING_DOWN)
@@ -155,13 +218,22 @@ class EncoderService:
     async def _process(self, model: Attached, request: bytes, deadline: float | None) -> bytes:
         """One frame: decode and check it, have it encoded in a batch, serialise the response."""
         self._metrics.request_bytes.observe(len(request))
-        prepared = await self._in_pool(self._decode, model.encoder, request)
+        decoding = asyncio.get_running_loop().run_in_executor(self._io, self._decode, model.encoder, request)
+        try:
+            prepared = await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            # The decode thread runs on; a shared-memory range it holds must not stay held.
+            decoding.add_done_callback(_release_lease)
+            raise
         try:
             encoded = await self._compute(model, prepared, deadline)
             response = await self._in_pool(self._serialise, model, prepared, encoded)
         except ServiceError as error:
             error.frame_id = prepared.decoded.frame.frame_id
             raise
+        finally:
+            if prepared.lease is not None:
+                prepared.lease.release()
         self._metrics.response_bytes.observe(len(response))
         return response
 
@@ -179,31 +251,38 @@ class EncoderService:
                 )
             decoded = decode_request(request, encoder.limits)
             encoder.validate(decoded.frame, decoded.options)
-            self._check_response_size(encoder, decoded)
+            lease = self._check_response_size(encoder, decoded)
         except (FieldError, InputError) as error:
             failure = ServiceError.invalid(error)
             failure.frame_id = request.frame_id if request is not None else None
             raise failure from None
+        except ServiceError as error:
+            error.frame_id = request.frame_id
+            raise
         seconds = time.perf_counter() - started
         self._metrics.decode_duration.observe(seconds)
-        return Prepared(decoded, seconds)
+        return Prepared(decoded, seconds, lease)
 
-    def _check_response_size(self, encoder: BiFusionEncoder, decoded: DecodedRequest) -> None:
+    def _check_response_size(self, encoder: BiFusionEncoder, decoded: DecodedRequest) -> Lease | None:
+        """Checks the outputs fit in a message, or holds the shared-memory range they go to."""
         frame, options = decoded.frame, decoded.options
         if frame.points is not None:
             points, field = len(frame.points), "points"
         else:
             points = min(options.max_points or encoder.config.max_points, frame.width * frame.height)
             field = "options.max_points"
-        size = response_bytes_bound(
-            points, encoder.config.feature_dim, decoded.float16, options.return_points_world
-        )
+        layout = (points, encoder.config.feature_dim, decoded.output_dtype, options.return_points_world)
+        if decoded.output_shared_memory is not None:
+            return self._shared_memory().lease(decoded.output_shared_memory, shared_output_bytes(*layout))
+        size = response_bytes_bound(*layout)
         if size > self._max_message_bytes:
             raise FieldError(
                 field,
                 f"{points} points would make a response of up to {size} bytes, over the limit of "
-                f"{self._max_message_bytes}; ask for fewer points or FLOAT16 output",
+                f"{self._max_message_bytes}; ask for fewer points, output_dtype FLOAT16, BFLOAT16 or INT8, "
+                "or shared memory",
             )
+        return None
 
     async def _compute(self, model: Attached, prepared: Prepared, deadline: float | None) -> Encoded:
         decoded = prepared.decoded
@@ -225,14 +304,27 @@ class EncoderService:
 
     def _serialise(self, model: Attached, prepared: Prepared, encoded: Encoded) -> bytes:
         started = time.perf_counter()
-        response = build_response(
+        head = response_head(
             encoded.result,
-            float16=prepared.decoded.float16,
             model=model_id(model.encoder.info.checkpoint_sha256),
             queue_ms=encoded.queue_seconds * 1000.0,
             decode_ms=prepared.decode_seconds * 1000.0,
             batch_size=encoded.batch_size,
         )
+        outputs = response_outputs(encoded.result, prepared.decoded.output_dtype)
+        if prepared.lease is None:
+            response = serialise_inline(head, outputs)
+        else:
+            try:
+                refs = prepared.lease.write(outputs)
+            except FieldError as error:
+                raise ServiceError.invalid(error) from None
+            for output, ref in zip(outputs, refs, strict=True):
+                tensor = getattr(head, output.field)
+                tensor.dtype = output.dtype
+                tensor.shape[:] = output.shape
+                tensor.shared_memory.CopyFrom(ref)
+            response = head.SerializeToString()
         self._metrics.encode_duration.observe(time.perf_counter() - started)
         return response
 
@@ -271,6 +363,19 @@ class EncoderService:
         self._metrics.inflight.set(self._inflight)
         if self._inflight == 0:
             self._idle.set()
+
+
+def _release_lease(decoding: asyncio.Future) -> None:
+    if not decoding.cancelled() and decoding.exception() is None and decoding.result().lease is not None:
+        decoding.result().lease.release()
+
+
+def _parse(message_type, data: bytes):
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        name = message_type.DESCRIPTOR.full_name
+        raise ServiceError(Code.INVALID_ARGUMENT, f"request: not a valid {name}: {exc}", "request") from None
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

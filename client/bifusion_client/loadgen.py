@@ -39,8 +39,15 @@ def run_load(
     response_bytes: list[int] = []
     batch_sizes: list[int] = []
     errors: Counter[str] = Counter()
-    start = threading.Barrier(concurrency + 1)
     stop_at: list[float] = [0.0]
+    began_at: list[float] = [0.0]
+
+    def set_clock() -> None:
+        # Runs once all have arrived, before any is released: no worker sees a stale stop time.
+        began_at[0] = time.perf_counter()
+        stop_at[0] = began_at[0] + (duration_s or 0.0)
+
+    start = threading.Barrier(concurrency + 1, action=set_clock)
 
     def claim() -> int | None:
         nonlocal issued
@@ -95,8 +102,7 @@ def run_load(
         for thread in threads:
             thread.join()
         raise failures[0] if failures else RuntimeError("the load generator could not start") from None
-    began = time.perf_counter()
-    stop_at[0] = began + (duration_s or 0.0)
+    began = began_at[0]
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - began

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import to_tensor
+from bifusion_wire.tensor import OUTPUT_DTYPES, to_tensor
 from PIL import Image, UnidentifiedImageError
 
 from .frames_folder import FolderFrame
@@ -32,6 +32,7 @@ def build_request(
     max_points: int | None = None,
     float16: bool = False,
     world_points: bool = False,
+    output_dtype: str | None = None,
     occlusion_tau: float | None = None,
     color_format: str = "png",
     depth_format: str = "png",
@@ -43,7 +44,9 @@ def build_request(
     ``depth_format``: png or raw), H×W float32 metres (always raw), 16-bit PNG bytes, or None
     when ``points`` (N×3 or N×6 float32, camera frame) are sent. ``intrinsics`` is a mapping
     with fx, fy, cx, cy or a sequence in that order. ``cam_to_world`` is 4×4 (or 16 numbers,
-    row-major); None means identity.
+    row-major); None means identity. ``output_dtype`` is how features travel: float32,
+    float16, int8 (per-point scale) or bfloat16; ``float16=True`` is the older spelling of
+    ``output_dtype="float16"``.
     """
     if max_points is not None and max_points < 0:
         raise ValueError(f"max_points must be 0 (the model's default) or more, got {max_points}")
@@ -61,7 +64,7 @@ def build_request(
         request.cam_to_world[:] = np.asarray(cam_to_world, dtype=np.float64).reshape(-1).tolist()
     options = request.options
     options.max_points = max_points or 0
-    options.output_dtype = pb.EncodeOptions.FLOAT16 if float16 else pb.EncodeOptions.FLOAT32
+    options.output_dtype = _output_dtype(output_dtype or ("float16" if float16 else "float32"))
     options.return_world_points = world_points
     if occlusion_tau is not None:
         options.occlusion_tau = occlusion_tau
@@ -79,6 +82,13 @@ def request_from_folder_frame(frame: FolderFrame, **options) -> pb.EncodeFrameRe
         frame_id=frame.frame_id,
         **options,
     )
+
+
+def _output_dtype(name: str) -> int:
+    by_name = {v: k for k, v in OUTPUT_DTYPES.items()}
+    if name not in by_name:
+        raise ValueError(f"output_dtype must be one of {', '.join(by_name)}, got {name!r}")
+    return by_name[name]
 
 
 def _intrinsics(intrinsics: Mapping[str, float] | Sequence[float]) -> tuple[float, float, float, float]:

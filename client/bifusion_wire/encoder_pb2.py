@@ -13,7 +13,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62ifusion_wire/encoder.proto\x12\x0b\x62ifusion.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x95\x01\n\nColorImage\x12\x32\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32 .bifusion.v1.ColorImage.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"E\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\x08\n\x04JPEG\x10\x02\x12\x0c\n\x08RAW_RGB8\x10\x03\"\xb5\x01\n\nDepthImage\x12\x32\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32 .bifusion.v1.DepthImage.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0b\x64\x65pth_scale\x18\x03 \x01(\x01\"P\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\t\n\x05PNG16\x10\x01\x12\x0e\n\nRAW_UINT16\x10\x02\x12\x0f\n\x0bRAW_FLOAT32\x10\x03\"[\n\nIntrinsics\x12\n\n\x02\x66x\x18\x01 \x01(\x01\x12\n\n\x02\x66y\x18\x02 \x01(\x01\x12\n\n\x02\x63x\x18\x03 \x01(\x01\x12\n\n\x02\x63y\x18\x04 \x01(\x01\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\"\xd5\x01\n\rEncodeOptions\x12\x12\n\nmax_points\x18\x01 \x01(\r\x12<\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32&.bifusion.v1.EncodeOptions.OutputDType\x12\x1b\n\x13return_world_points\x18\x03 \x01(\x08\x12\x1a\n\rocclusion_tau\x18\x04 \x01(\x02H\x00\x88\x01\x01\"\'\n\x0bOutputDType\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x42\x10\n\x0e_occlusion_tau\"\x8b\x02\n\x12\x45ncodeFrameRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12&\n\x05\x63olor\x18\x02 \x01(\x0b\x32\x17.bifusion.v1.ColorImage\x12&\n\x05\x64\x65pth\x18\x03 \x01(\x0b\x32\x17.bifusion.v1.DepthImage\x12#\n\x06points\x18\x04 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12+\n\nintrinsics\x18\x05 \x01(\x0b\x32\x17.bifusion.v1.Intrinsics\x12\x14\n\x0c\x63\x61m_to_world\x18\x06 \x03(\x01\x12+\n\x07options\x18\x07 \x01(\x0b\x32\x1a.bifusion.v1.EncodeOptions\"\xe9\x01\n\nFrameStats\x12\x12\n\nnum_points\x18\x01 \x01(\r\x12\x13\n\x0bvalid_ratio\x18\x02 \x01(\x01\x12\x11\n\tgate_mean\x18\x03 \x01(\x01\x12\x36\n\x08stage_ms\x18\x04 \x03(\x0b\x32$.bifusion.v1.FrameStats.StageMsEntry\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa7\x02\n\x13\x45ncodeFrameResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12\"\n\x05\x61lpha\x18\x03 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12\"\n\x05valid\x18\x04 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12*\n\rpoint_indices\x18\x05 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12)\n\x0cpoints_world\x18\x06 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12&\n\x05stats\x18\x07 \x01(\x0b\x32\x17.bifusion.v1.FrameStats\x12\x10\n\x08model_id\x18\x08 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12\x12\n\nmax_points\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_points\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x06 \x01(\r\x12\x16\n\x0emin_image_side\x18\x07 \x01(\r\"\xe8\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65mo_weights\x18\x05 \x01(\x08\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0b\n\x03\x61mp\x18\x07 \x01(\x08\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.bifusion.v1.Limits\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\n \x01(\t2\x84\x02\n\x0f\x42iFusionEncoder\x12P\n\x0b\x45ncodeFrame\x12\x1f.bifusion.v1.EncodeFrameRequest\x1a .bifusion.v1.EncodeFrameResponse\x12U\n\x0c\x45ncodeStream\x12\x1f.bifusion.v1.EncodeFrameRequest\x1a .bifusion.v1.EncodeFrameResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .bifusion.v1.GetModelInfoRequest\x1a\x16.bifusion.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62ifusion_wire/encoder.proto\x12\x0b\x62ifusion.v1\"i\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x33\n\rshared_memory\x18\x04 \x01(\x0b\x32\x1c.bifusion.v1.SharedMemoryRef\"D\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"K\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"5\n\x12SharedMemoryStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x1eUnregisterSharedMemoryResponse\"\x95\x01\n\nColorImage\x12\x32\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32 .bifusion.v1.ColorImage.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"E\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\x08\n\x04JPEG\x10\x02\x12\x0c\n\x08RAW_RGB8\x10\x03\"\xb5\x01\n\nDepthImage\x12\x32\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32 .bifusion.v1.DepthImage.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0b\x64\x65pth_scale\x18\x03 \x01(\x01\"P\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\t\n\x05PNG16\x10\x01\x12\x0e\n\nRAW_UINT16\x10\x02\x12\x0f\n\x0bRAW_FLOAT32\x10\x03\"[\n\nIntrinsics\x12\n\n\x02\x66x\x18\x01 \x01(\x01\x12\n\n\x02\x66y\x18\x02 \x01(\x01\x12\n\n\x02\x63x\x18\x03 \x01(\x01\x12\n\n\x02\x63y\x18\x04 \x01(\x01\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\"\xed\x01\n\rEncodeOptions\x12\x12\n\nmax_points\x18\x01 \x01(\r\x12<\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32&.bifusion.v1.EncodeOptions.OutputDType\x12\x1b\n\x13return_world_points\x18\x03 \x01(\x08\x12\x1a\n\rocclusion_tau\x18\x04 \x01(\x02H\x00\x88\x01\x01\"?\n\x0bOutputDType\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x08\n\x04INT8\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x42\x10\n\x0e_occlusion_tau\"\xc7\x02\n\x12\x45ncodeFrameRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12&\n\x05\x63olor\x18\x02 \x01(\x0b\x32\x17.bifusion.v1.ColorImage\x12&\n\x05\x64\x65pth\x18\x03 \x01(\x0b\x32\x17.bifusion.v1.DepthImage\x12#\n\x06points\x18\x04 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12+\n\nintrinsics\x18\x05 \x01(\x0b\x32\x17.bifusion.v1.Intrinsics\x12\x14\n\x0c\x63\x61m_to_world\x18\x06 \x03(\x01\x12+\n\x07options\x18\x07 \x01(\x0b\x32\x1a.bifusion.v1.EncodeOptions\x12:\n\x14output_shared_memory\x18\x08 \x01(\x0b\x32\x1c.bifusion.v1.SharedMemoryRef\"\xe9\x01\n\nFrameStats\x12\x12\n\nnum_points\x18\x01 \x01(\r\x12\x13\n\x0bvalid_ratio\x18\x02 \x01(\x01\x12\x11\n\tgate_mean\x18\x03 \x01(\x01\x12\x36\n\x08stage_ms\x18\x04 \x03(\x0b\x32$.bifusion.v1.FrameStats.StageMsEntry\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd4\x02\n\x13\x45ncodeFrameResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\t\x12%\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12\"\n\x05\x61lpha\x18\x03 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12\"\n\x05valid\x18\x04 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12*\n\rpoint_indices\x18\x05 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12)\n\x0cpoints_world\x18\x06 \x01(\x0b\x32\x13.bifusion.v1.Tensor\x12&\n\x05stats\x18\x07 \x01(\x0b\x32\x17.bifusion.v1.FrameStats\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12+\n\x0e\x66\x65\x61tures_scale\x18\t \x01(\x0b\x32\x13.bifusion.v1.Tensor\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12\x12\n\nmax_points\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_points\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x06 \x01(\r\x12\x16\n\x0emin_image_side\x18\x07 \x01(\r\"\xff\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65mo_weights\x18\x05 \x01(\x08\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0b\n\x03\x61mp\x18\x07 \x01(\x08\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.bifusion.v1.Limits\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\n \x01(\t\x12\x15\n\rshared_memory\x18\x0b \x01(\x08\x32\xdc\x03\n\x0f\x42iFusionEncoder\x12P\n\x0b\x45ncodeFrame\x12\x1f.bifusion.v1.EncodeFrameRequest\x1a .bifusion.v1.EncodeFrameResponse\x12U\n\x0c\x45ncodeStream\x12\x1f.bifusion.v1.EncodeFrameRequest\x1a .bifusion.v1.EncodeFrameResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .bifusion.v1.GetModelInfoRequest\x1a\x16.bifusion.v1.ModelInfo\x12\x63\n\x14RegisterSharedMemory\x12(.bifusion.v1.RegisterSharedMemoryRequest\x1a\x1f.bifusion.v1.SharedMemoryStatus0\x01\x12q\n\x16UnregisterSharedMemory\x12*.bifusion.v1.UnregisterSharedMemoryRequest\x1a+.bifusion.v1.UnregisterSharedMemoryResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bifusion_wire.encoder_pb2', globals())
@@ -23,35 +23,45 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _FRAMESTATS_STAGEMSENTRY._options = None
   _FRAMESTATS_STAGEMSENTRY._serialized_options = b'8\001'
   _TENSOR._serialized_start=44
-  _TENSOR._serialized_end=96
-  _COLORIMAGE._serialized_start=99
-  _COLORIMAGE._serialized_end=248
-  _COLORIMAGE_ENCODING._serialized_start=179
-  _COLORIMAGE_ENCODING._serialized_end=248
-  _DEPTHIMAGE._serialized_start=251
-  _DEPTHIMAGE._serialized_end=432
-  _DEPTHIMAGE_ENCODING._serialized_start=352
-  _DEPTHIMAGE_ENCODING._serialized_end=432
-  _INTRINSICS._serialized_start=434
-  _INTRINSICS._serialized_end=525
-  _ENCODEOPTIONS._serialized_start=528
-  _ENCODEOPTIONS._serialized_end=741
-  _ENCODEOPTIONS_OUTPUTDTYPE._serialized_start=684
-  _ENCODEOPTIONS_OUTPUTDTYPE._serialized_end=723
-  _ENCODEFRAMEREQUEST._serialized_start=744
-  _ENCODEFRAMEREQUEST._serialized_end=1011
-  _FRAMESTATS._serialized_start=1014
-  _FRAMESTATS._serialized_end=1247
-  _FRAMESTATS_STAGEMSENTRY._serialized_start=1201
-  _FRAMESTATS_STAGEMSENTRY._serialized_end=1247
-  _ENCODEFRAMERESPONSE._serialized_start=1250
-  _ENCODEFRAMERESPONSE._serialized_end=1545
-  _GETMODELINFOREQUEST._serialized_start=1547
-  _GETMODELINFOREQUEST._serialized_end=1568
-  _LIMITS._serialized_start=1571
-  _LIMITS._serialized_end=1745
-  _MODELINFO._serialized_start=1748
-  _MODELINFO._serialized_end=1980
-  _BIFUSIONENCODER._serialized_start=1983
-  _BIFUSIONENCODER._serialized_end=2243
+  _TENSOR._serialized_end=149
+  _SHAREDMEMORYREF._serialized_start=151
+  _SHAREDMEMORYREF._serialized_end=219
+  _REGISTERSHAREDMEMORYREQUEST._serialized_start=221
+  _REGISTERSHAREDMEMORYREQUEST._serialized_end=296
+  _SHAREDMEMORYSTATUS._serialized_start=298
+  _SHAREDMEMORYSTATUS._serialized_end=351
+  _UNREGISTERSHAREDMEMORYREQUEST._serialized_start=353
+  _UNREGISTERSHAREDMEMORYREQUEST._serialized_end=398
+  _UNREGISTERSHAREDMEMORYRESPONSE._serialized_start=400
+  _UNREGISTERSHAREDMEMORYRESPONSE._serialized_end=432
+  _COLORIMAGE._serialized_start=435
+  _COLORIMAGE._serialized_end=584
+  _COLORIMAGE_ENCODING._serialized_start=515
+  _COLORIMAGE_ENCODING._serialized_end=584
+  _DEPTHIMAGE._serialized_start=587
+  _DEPTHIMAGE._serialized_end=768
+  _DEPTHIMAGE_ENCODING._serialized_start=688
+  _DEPTHIMAGE_ENCODING._serialized_end=768
+  _INTRINSICS._serialized_start=770
+  _INTRINSICS._serialized_end=861
+  _ENCODEOPTIONS._serialized_start=864
+  _ENCODEOPTIONS._serialized_end=1101
+  _ENCODEOPTIONS_OUTPUTDTYPE._serialized_start=1020
+  _ENCODEOPTIONS_OUTPUTDTYPE._serialized_end=1083
+  _ENCODEFRAMEREQUEST._serialized_start=1104
+  _ENCODEFRAMEREQUEST._serialized_end=1431
+  _FRAMESTATS._serialized_start=1434
+  _FRAMESTATS._serialized_end=1667
+  _FRAMESTATS_STAGEMSENTRY._serialized_start=1621
+  _FRAMESTATS_STAGEMSENTRY._serialized_end=1667
+  _ENCODEFRAMERESPONSE._serialized_start=1670
+  _ENCODEFRAMERESPONSE._serialized_end=2010
+  _GETMODELINFOREQUEST._serialized_start=2012
+  _GETMODELINFOREQUEST._serialized_end=2033
+  _LIMITS._serialized_start=2036
+  _LIMITS._serialized_end=2210
+  _MODELINFO._serialized_start=2213
+  _MODELINFO._serialized_end=2468
+  _BIFUSIONENCODER._serialized_start=2471
+  _BIFUSIONENCODER._serialized_end=2947
 # @@protoc_insertion_point(module_scope)

@@ -37,13 +37,14 @@ class DepthImage(_message.Message):
     def __init__(self, encoding: _Optional[_Union[DepthImage.Encoding, str]] = ..., data: _Optional[bytes] = ..., depth_scale: _Optional[float] = ...) -> None: ...
 
 class EncodeFrameRequest(_message.Message):
-    __slots__ = ["cam_to_world", "color", "depth", "frame_id", "intrinsics", "options", "points"]
+    __slots__ = ["cam_to_world", "color", "depth", "frame_id", "intrinsics", "options", "output_shared_memory", "points"]
     CAM_TO_WORLD_FIELD_NUMBER: _ClassVar[int]
     COLOR_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     INTRINSICS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
     cam_to_world: _containers.RepeatedScalarFieldContainer[float]
     color: ColorImage
@@ -51,13 +52,15 @@ class EncodeFrameRequest(_message.Message):
     frame_id: str
     intrinsics: Intrinsics
     options: EncodeOptions
+    output_shared_memory: SharedMemoryRef
     points: Tensor
-    def __init__(self, frame_id: _Optional[str] = ..., color: _Optional[_Union[ColorImage, _Mapping]] = ..., depth: _Optional[_Union[DepthImage, _Mapping]] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., intrinsics: _Optional[_Union[Intrinsics, _Mapping]] = ..., cam_to_world: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[str] = ..., color: _Optional[_Union[ColorImage, _Mapping]] = ..., depth: _Optional[_Union[DepthImage, _Mapping]] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., intrinsics: _Optional[_Union[Intrinsics, _Mapping]] = ..., cam_to_world: _Optional[_Iterable[float]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class EncodeFrameResponse(_message.Message):
-    __slots__ = ["alpha", "features", "frame_id", "model_id", "point_indices", "points_world", "stats", "valid"]
+    __slots__ = ["alpha", "features", "features_scale", "frame_id", "model_id", "point_indices", "points_world", "stats", "valid"]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_SCALE_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     POINTS_WORLD_FIELD_NUMBER: _ClassVar[int]
@@ -66,20 +69,23 @@ class EncodeFrameResponse(_message.Message):
     VALID_FIELD_NUMBER: _ClassVar[int]
     alpha: Tensor
     features: Tensor
+    features_scale: Tensor
     frame_id: str
     model_id: str
     point_indices: Tensor
     points_world: Tensor
     stats: FrameStats
     valid: Tensor
-    def __init__(self, frame_id: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., point_indices: _Optional[_Union[Tensor, _Mapping]] = ..., points_world: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[FrameStats, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[str] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., valid: _Optional[_Union[Tensor, _Mapping]] = ..., point_indices: _Optional[_Union[Tensor, _Mapping]] = ..., points_world: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[FrameStats, _Mapping]] = ..., model_id: _Optional[str] = ..., features_scale: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
     __slots__ = ["max_points", "occlusion_tau", "output_dtype", "return_world_points"]
     class OutputDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = []
+    BFLOAT16: EncodeOptions.OutputDType
     FLOAT16: EncodeOptions.OutputDType
     FLOAT32: EncodeOptions.OutputDType
+    INT8: EncodeOptions.OutputDType
     MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
     OCCLUSION_TAU_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -154,7 +160,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_points: _Optional[int] = ..., default_max_points: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., min_image_side: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ["amp", "architecture", "checkpoint_sha256", "config_json", "demo_weights", "device", "feature_dim", "limits", "model_id", "server_version"]
+    __slots__ = ["amp", "architecture", "checkpoint_sha256", "config_json", "demo_weights", "device", "feature_dim", "limits", "model_id", "server_version", "shared_memory"]
     AMP_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +171,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     amp: bool
     architecture: str
     checkpoint_sha256: str
@@ -175,14 +182,55 @@ class ModelInfo(_message.Message):
     limits: Limits
     model_id: str
     server_version: str
-    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: bool = ..., feature_dim: _Optional[int] = ..., amp: bool = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: bool = ..., feature_dim: _Optional[int] = ..., amp: bool = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ..., shared_memory: bool = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ["byte_size", "key", "name"]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    byte_size: int
+    key: str
+    name: str
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ["byte_size", "offset", "region"]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    byte_size: int
+    offset: int
+    region: str
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryStatus(_message.Message):
+    __slots__ = ["byte_size", "name"]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    byte_size: int
+    name: str
+    def __init__(self, name: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ["data", "dtype", "shape"]
+    __slots__ = ["data", "dtype", "shape", "shared_memory"]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ["name"]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...

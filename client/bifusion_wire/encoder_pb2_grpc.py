@@ -32,6 +32,16 @@ class BiFusionEncoderStub(object):
                 request_serializer=bifusion__wire_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=bifusion__wire_dot_encoder__pb2.ModelInfo.FromString,
                 )
+        self.RegisterSharedMemory = channel.unary_stream(
+                '/bifusion.v1.BiFusionEncoder/RegisterSharedMemory',
+                request_serializer=bifusion__wire_dot_encoder__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=bifusion__wire_dot_encoder__pb2.SharedMemoryStatus.FromString,
+                )
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/bifusion.v1.BiFusionEncoder/UnregisterSharedMemory',
+                request_serializer=bifusion__wire_dot_encoder__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=bifusion__wire_dot_encoder__pb2.UnregisterSharedMemoryResponse.FromString,
+                )
 
 
 class BiFusionEncoderServicer(object):
@@ -64,6 +74,25 @@ class BiFusionEncoderServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Registers a POSIX shared-memory region (same host only; needs the server's
+        --allow-shared-memory, else FAILED_PRECONDITION) that requests may name in
+        output_shared_memory. The server sends one SharedMemoryStatus once the region is mapped
+        and keeps the stream open: the registration lasts as long as the stream, so the server
+        forgets it when the client cancels the call, its channel closes, or UnregisterSharedMemory
+        names it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Forgets a region registered by RegisterSharedMemory (and ends that stream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BiFusionEncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +110,16 @@ def add_BiFusionEncoderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=bifusion__wire_dot_encoder__pb2.GetModelInfoRequest.FromString,
                     response_serializer=bifusion__wire_dot_encoder__pb2.ModelInfo.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_stream_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=bifusion__wire_dot_encoder__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=bifusion__wire_dot_encoder__pb2.SharedMemoryStatus.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=bifusion__wire_dot_encoder__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=bifusion__wire_dot_encoder__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,5 +182,39 @@ class BiFusionEncoder(object):
         return grpc.experimental.unary_unary(request, target, '/bifusion.v1.BiFusionEncoder/GetModelInfo',
             bifusion__wire_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
             bifusion__wire_dot_encoder__pb2.ModelInfo.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(request, target, '/bifusion.v1.BiFusionEncoder/RegisterSharedMemory',
+            bifusion__wire_dot_encoder__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            bifusion__wire_dot_encoder__pb2.SharedMemoryStatus.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/bifusion.v1.BiFusionEncoder/UnregisterSharedMemory',
+            bifusion__wire_dot_encoder__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            bifusion__wire_dot_encoder__pb2.UnregisterSharedMemoryResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

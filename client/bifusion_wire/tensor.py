@@ -6,13 +6,44 @@ import math
 
 import numpy as np
 
-from .encoder_pb2 import Tensor
+from .encoder_pb2 import EncodeOptions, Tensor
 
-# numpy name -> little-endian dtype; every tensor on the wire uses one of these.
+# Tensor dtype name -> little-endian numpy storage; every tensor on the wire uses one of these.
+# numpy has no bfloat16: it travels as its 16-bit patterns (see ``bfloat16_to_float32``).
 DTYPES = {
     name: np.dtype(name).newbyteorder("<")
-    for name in ("float32", "float16", "float64", "int64", "int32", "uint16", "uint8", "bool")
+    for name in ("float32", "float16", "float64", "int64", "int32", "uint16", "uint8", "int8", "bool")
 }
+DTYPES["bfloat16"] = np.dtype("<u2")
+# EncodeOptions.output_dtype -> the features' Tensor dtype.
+OUTPUT_DTYPES = {
+    EncodeOptions.FLOAT32: "float32",
+    EncodeOptions.FLOAT16: "float16",
+    EncodeOptions.INT8: "int8",
+    EncodeOptions.BFLOAT16: "bfloat16",
+}
+# Per point of a response besides features: alpha float32, valid bool, point index int64;
+# world xyz float32 when asked; a float32 scale with int8 features.
+FIXED_BYTES_PER_POINT = 4 + 1 + 8
+WORLD_BYTES_PER_POINT = 12
+SCALE_BYTES_PER_POINT = 4
+
+
+def point_bytes(feature_dim: int, output_dtype: str, world: bool) -> int:
+    """Tensor bytes per point of an EncodeFrameResponse."""
+    per_point = feature_dim * DTYPES[output_dtype].itemsize + FIXED_BYTES_PER_POINT
+    per_point += WORLD_BYTES_PER_POINT if world else 0
+    return per_point + (SCALE_BYTES_PER_POINT if output_dtype == "int8" else 0)
+
+
+# In shared memory each output tensor (at most 6) starts on a 64-byte boundary.
+OUTPUT_ALIGNMENT = 64
+MAX_OUTPUT_TENSORS = 6
+
+
+def shared_output_bytes(num_points: int, feature_dim: int, output_dtype: str, world: bool) -> int:
+    """The most bytes a response's tensors take in a shared-memory range, alignment included."""
+    return num_points * point_bytes(feature_dim, output_dtype, world) + MAX_OUTPUT_TENSORS * OUTPUT_ALIGNMENT
 
 
 class FieldError(ValueError):
@@ -36,8 +67,11 @@ def to_tensor(array: np.ndarray, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def from_tensor(tensor: Tensor, field: str, dtypes: tuple[str, ...] | None = None) -> np.ndarray:
-    """A read-only numpy view of the tensor's bytes (no copy); errors name ``field``."""
+def from_tensor(tensor: Tensor, field: str, dtypes: tuple[str, ...] | None = None, data=None) -> np.ndarray:
+    """A read-only numpy view of the tensor's bytes (no copy); errors name ``field``.
+
+    ``tensor`` is a ``Tensor`` or a ``raw.TensorView``; ``data`` (e.g. a shared-memory range)
+    replaces ``tensor.data``. bfloat16 comes back as its uint16 bit patterns."""
     if tensor.dtype not in DTYPES or (dtypes is not None and tensor.dtype not in dtypes):
         allowed = ", ".join(dtypes or sorted(DTYPES))
         raise FieldError(f"{field}.dtype", f"must be one of {allowed}, got {tensor.dtype!r}")
@@ -46,8 +80,9 @@ def from_tensor(tensor: Tensor, field: str, dtypes: tuple[str, ...] | None = Non
         raise FieldError(f"{field}.shape", f"dimensions must be ≥ 0, got {list(shape)}")
     dtype = DTYPES[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
-    check_byte_count(f"{field}.data", expected, len(tensor.data))
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    data = tensor.data if data is None else data
+    check_byte_count(f"{field}.data", expected, len(data))
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def check_byte_count(field: str, expected: int, got: int) -> None:
@@ -55,3 +90,8 @@ def check_byte_count(field: str, expected: int, got: int) -> None:
         raise FieldError(field, f"truncated: expected {expected} bytes, got {got}")
     if got > expected:
         raise FieldError(field, f"too long: expected {expected} bytes, got {got}")
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly (bfloat16 is float32's high half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
