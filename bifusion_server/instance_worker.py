@@ -5,7 +5,7 @@ the standard library is imported at module level, so the thread settings below a
 environment before torch, numpy or OpenBLAS read them.
 
 Messages on the pipe (tuples; arrays never travel through it, see ``shm.py``):
-  child → parent  ("ready", ModelInfo) | ("failed", reason)            once, after warm-up
+  child → parent  ("ready", ModelInfo, thread settings) | ("failed", reason)  once, after warm-up
   parent → child  ("encode", segment, packed frames, output offset, retired segments) | ("stop",)
   child → parent  ("done", packed results | None, in-band pickle | None, gpu memory, seconds)
                   | ("error", kind, message, field)
@@ -39,7 +39,10 @@ def instance_main(conn, spec: dict) -> None:
         log.exception("cannot load or warm up the model")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", encoder.info))
+    import torch
+
+    threads = {"BIFUSION_THREADS": os.environ["BIFUSION_THREADS"], "torch": torch.get_num_threads()}
+    conn.send(("ready", encoder.info, threads))
     _serve(conn, encoder)
 
 

@@ -153,6 +153,7 @@ class ProcessInstance:
         self._stopping = False
         self.info: ModelInfo | None = None
         self.computing: list[str] = []  # frame ids of the batch in the child now
+        self.threads: dict[str, object] = {}  # the child's thread settings, as it reports them
 
     @property
     def ready(self) -> bool:
@@ -214,7 +215,8 @@ class ProcessInstance:
         if reply[0] != "ready":
             _reap(process)
             raise RuntimeError(f"model instance {self.name} could not load the model: {reply[1]}")
-        log.info("model instance %s ready (pid %d, %d threads)", self.name, process.pid, self._spec.threads)
+        self.threads = reply[2]
+        log.info("model instance %s ready (pid %d, threads %s)", self.name, process.pid, self.threads)
         return reply[1]
 
     def _call(self, frames: Sequence[Frame], options: Sequence[EncodeOptions]) -> BatchOutput:
