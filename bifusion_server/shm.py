@@ -23,7 +23,7 @@ log = logging.getLogger("bifusion.server")
 
 ALIGN = 64  # every array starts on a cache line
 SEGMENT_GRANULE = 4 * 1024 * 1024  # segments are sized in 4 MiB steps so they can be reused
-KEEP_FREE = 4  # free segments kept per pool; more are unlinked
+KEEP_FREE = 2  # free segments kept per pool; more are unlinked
 
 
 class SharedMemoryExhausted(MemoryError):
