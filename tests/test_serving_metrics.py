@@ -151,8 +151,8 @@ def test_counts_and_sizes_match_the_traffic(traffic):
         demo_weights="true", amp="false",
     )  # fmt: skip
     assert metric("bifusion_model_info", **labels) == 1
-    assert metric("bifusion_gpu_memory_allocated_bytes") == 0  # present on CPU, at 0
-    assert metric("bifusion_gpu_memory_reserved_bytes") == 0
+    assert metric("bifusion_gpu_memory_allocated_bytes", **one) == 0  # present on CPU, at 0
+    assert metric("bifusion_gpu_memory_reserved_bytes", **one) == 0
 
 
 def test_promtool_finds_nothing_to_lint(traffic):
