@@ -9,7 +9,8 @@ Measures, on the real TUM frames:
 
 Prints JSON (and writes it to --out when given).
 
-    python bench/serve.py [--points 20000] [--concurrency 1 4 16] [--out bench/results/serve-cpu.json]
+    python bench/serve.py [--points 20000] [--concurrency 1 4 16] [--instances auto] \
+        [--out bench/results/serve-cpu.json]
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ServerChild:
             sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(self.port),
             "--metrics-port", "0", "--device", args.device, "--max-batch-size", str(args.max_batch_size),
             "--max-batch-delay-ms", str(args.max_batch_delay_ms),
-            "--max-queue", str(4 * max(args.concurrency)),
+            "--max-queue", str(4 * max(args.concurrency)), "--instances", args.instances,
         ]  # fmt: skip
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--min-frames", type=int, default=8, help="timed frames per level at least")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--instances", default="auto", help="the server's --instances (auto, 1, 2, ...)")
     parser.add_argument("--repeats", type=int, default=2, help="in-process passes over a batch")
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -179,6 +181,7 @@ def main() -> None:
             "points_per_frame": args.points,
             "max_batch_size": args.max_batch_size,
             "max_batch_delay_ms": args.max_batch_delay_ms,
+            "instances": args.instances,
             "frames": f"{len(folder_frames)} real TUM fr1/xyz frames, 640×480, cycled",
             "request_encoding": "PNG colour + 16-bit PNG depth unless noted",
             "client": "closed loop, one channel per client, in a separate process on the same machine",
