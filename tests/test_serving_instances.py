@@ -4,8 +4,11 @@ with UNAVAILABLE while the other keeps serving, then comes back."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -14,7 +17,7 @@ from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
 from bifusion_wire import encoder_pb2_grpc
 from conftest import to_frame
-from serving_harness import health_status, running_server, wait_until
+from serving_harness import health_status, running_server, server_process, wait_until
 
 from bifusion import EncodeOptions
 from bifusion_server.instances import cores
@@ -119,3 +122,25 @@ def test_a_killed_instance_fails_only_its_frames_and_comes_back(two_instances, t
         assert client.encode_request(
             request_from_folder_frame(tum_folder_frames[1], max_points=500)
         ).num_points
+
+
+def test_sigterm_drains_through_instance_processes_and_leaves_nothing_behind(tum_folder_frames):
+    flags = ("--device", "cpu", "--instances", "2", "--warmup-frames", "0", "--max-batch-size", "1")
+    with server_process(*flags, "--drain-seconds", "120") as live:
+        pids = [int(p) for p in re.findall(r"model instance \d ready \(pid (\d+)", live.log_text())]
+        assert len(pids) == 2
+        requests = [request_from_folder_frame(f, max_points=2000) for f in tum_folder_frames[:4]]
+        with ThreadPoolExecutor(len(requests)) as pool, BiFusionClient(live.address) as client:
+            futures = [pool.submit(client.encode_request, r, 300) for r in requests]
+            wait_until(
+                lambda: live.metric("bifusion_inflight_requests") == len(requests), what="all in flight"
+            )
+            live.process.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]  # none lost
+        assert [r.num_points for r in results] == [2000] * len(requests)
+        assert live.process.wait(60) == 0
+        server_pid = live.process.pid
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not glob.glob(f"/dev/shm/bifusion-{server_pid}-*")
