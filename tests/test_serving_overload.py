@@ -169,7 +169,8 @@ def test_a_failing_batch_is_bisected_so_only_the_guilty_frame_fails(encoder, tum
     [
         (lambda _: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "does not fit"),
-        (lambda _: InputError("points", "the frame has no points"), grpc.StatusCode.INVALID_ARGUMENT, "points:"),
+        (lambda _: InputError("points", "the frame has no points"),
+         grpc.StatusCode.INVALID_ARGUMENT, "points:"),
     ],
     ids=["out-of-memory", "input-error"],
 )  # fmt: skip
@@ -182,8 +183,10 @@ def test_a_frame_failing_alone_gets_the_status_of_its_failure(
         mate = stub.EncodeFrame.future(request(frame, "mate"), timeout=120)
         wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
         spy.gate.set()
+        assert busy.result().frame_id == "busy"
         with pytest.raises(grpc.RpcError) as caught:
             huge.result()
         assert caught.value.code() == code
         assert detail in caught.value.details()
         assert mate.result().frame_id == "mate"
+        assert spy.batches[1:] == [["huge", "mate"], ["huge"], ["mate"]]
