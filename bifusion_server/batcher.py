@@ -31,7 +31,7 @@ Instance = InProcessInstance | ProcessInstance
 # gRPC cancels a call when the client's deadline passes, which can reach the server a little
 # before the server's own copy of that deadline; a call that ends this close to its deadline
 # ran out of time rather than being cancelled.
-DEADLINE_SLACK_S = 0.05
+DEADLINE_SLACK_S = 0.1
 
 
 def deadline_passed(deadline: float | None) -> bool:
