@@ -230,7 +230,14 @@ class DynamicBatcher:
         started = time.monotonic()
         for job in jobs:
             self._metrics.queue_wait.observe(started - job.enqueued)
-        await self._attempt(instance, jobs, started)
+        try:
+            await self._attempt(instance, jobs, started)
+        except asyncio.CancelledError:
+            # Only close() cancels the workers; nobody will deliver these results (nor try
+            # the halves of a failing batch not yet retried).
+            for job in jobs:
+                _fail(job, Closed())
+            raise
 
     async def _attempt(self, instance: Instance, jobs: list[_Job], started: float) -> None:
         """One model call; a failing batch is bisected until the frame that breaks it is alone."""
@@ -242,11 +249,6 @@ class DynamicBatcher:
         call_started = time.monotonic()
         try:
             output = await instance.encode([job.frame for job in jobs], [job.options for job in jobs])
-        except asyncio.CancelledError:
-            # Only close() cancels the workers; nobody will deliver these results.
-            for job in jobs:
-                _fail(job, Closed())
-            raise
         except InstanceLost as lost:
             log.error("%d frames lost with their model instance: %s", len(jobs), lost)
             for job in jobs:

@@ -74,9 +74,12 @@ class ModelView:
     the same input checks the encoder runs."""
 
     def __init__(self, info: ModelInfo):
+        import torch
+
         self.info = info
         self.config = info.config
         self.limits = info.limits
+        self.device = torch.device(info.device)
 
     def validate(self, frame: Frame, options: EncodeOptions | None = None) -> None:
         validate_frame(frame, options or EncodeOptions(), self.config, self.limits)
