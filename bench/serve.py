@@ -14,6 +14,7 @@ Measures, on the real TUM frames:
 Prints JSON (and writes it to --out when given).
 
     python bench/serve.py [--max-points 20000] [--concurrency 1 4 16 64] [--transports float32 shm]
+                          [--instances auto]
                           [--out bench/results/serve-cpu.json]
 """
 
@@ -87,14 +88,12 @@ class ServerChild:
             sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(self.port),
             "--metrics-port", "0", "--device", args.device, "--max-batch-size", str(args.max_batch_size),
             "--max-batch-delay-ms", str(args.max_batch_delay_ms),
-            "--max-queue", str(4 * max(args.concurrency)),
+            "--max-queue", str(4 * max(args.concurrency)), "--instances", args.instances,
         ]  # fmt: skip
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
         if "shm" in args.transports:
             command.append("--allow-shared-memory")
-        if args.instances:
-            command += ["--instances", str(args.instances)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([*IMPORT_PATHS, os.environ.get("PYTHONPATH", "")])}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -172,9 +171,6 @@ def main() -> None:
     parser.add_argument(
         "--transports", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS, help="served transports"
     )
-    parser.add_argument(
-        "--instances", type=int, default=None, help="the server's --instances (default: its own)"
-    )
     parser.add_argument("--frames", type=int, default=None, help="real frames to cycle (default: all)")
     parser.add_argument(
         "--seconds-per-level", type=float, default=5.0, help="timed load per transport and concurrency"
@@ -187,6 +183,7 @@ def main() -> None:
     )
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--instances", default="auto", help="the server's --instances (auto, 1, 2, ...)")
     parser.add_argument("--repeats", type=int, default=2, help="in-process passes over a batch")
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--out", type=Path, help="also write the JSON here")

@@ -8,7 +8,6 @@ work to a replica that cannot take it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.metadata
 import json
 import logging
@@ -30,6 +29,14 @@ from bifusion import BiFusionEncoder
 from .auth import BearerTokenInterceptor
 from .batcher import DynamicBatcher
 from .config import ServerConfig
+from .instances import (
+    InProcessInstance,
+    InstanceSpec,
+    ModelView,
+    ProcessInstance,
+    cores,
+    resolve_instances,
+)
 from .metrics import ServerMetrics
 from .respond import model_info_message
 from .service import Attached, EncoderService
@@ -51,32 +58,35 @@ def server_version() -> str:
 
 
 class BiFusionServer:
-    """One gRPC server with its model, batcher, health, reflection and metrics endpoint.
+    """One gRPC server with its model instances, batcher, health, reflection and metrics endpoint.
 
-    ``encoder_factory`` builds the encoder (on the model thread); tests pass one that reuses
-    a loaded encoder.
+    One instance runs the encoder in this process, on a thread of its own; several run one
+    child process each (``instances.py``). ``encoder_factory`` builds an encoder in this
+    process instead (one instance); tests pass one that reuses a loaded encoder.
     """
 
     def __init__(self, config: ServerConfig, encoder_factory: Callable[[], BiFusionEncoder] | None = None):
         self.config = config
-        self.metrics = ServerMetrics()
-        self._encoder_factory = encoder_factory or functools.partial(
-            BiFusionEncoder, checkpoint=config.checkpoint, device=config.device, amp=config.amp
-        )
-        # One model thread: torch work is serialised there and never blocks the event loop.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="bifusion-model")
+        in_process = encoder_factory is not None
+        self.instance_count = 1 if in_process else resolve_instances(config.instances, _device_type(config))
+        self.metrics = ServerMetrics(self.instance_count)
+        self._encoder_factory = encoder_factory
+        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="bifusion-load")
         self._io_pool = ThreadPoolExecutor(
             max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="bifusion-io"
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self.encoder: BiFusionEncoder | None = None
+        # The loaded encoder with one in-process instance, else a ModelView of the children's.
+        self.encoder: BiFusionEncoder | ModelView | None = None
+        self.instances: list[InProcessInstance | ProcessInstance] = []
         self.batcher: DynamicBatcher | None = None
         self._service: EncoderService | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
+        self._draining = False
         self._stopped = False
 
     async def start(self) -> None:
@@ -132,6 +142,7 @@ class BiFusionServer:
         """SIGTERM: NOT_SERVING, refuse new work, let in-flight requests finish, then stop."""
         started = time.monotonic()
         log.info("draining: %d requests in flight", self._service.inflight if self._service else 0)
+        self._draining = True
         await self._health.enter_graceful_shutdown()
         self.metrics.ready.set(0)
         self._service.start_draining()
@@ -161,17 +172,22 @@ class BiFusionServer:
             await self.batcher.close(timeout=STOP_GRACE_SECONDS)
         if self._shared_memory is not None:
             self._shared_memory.close()
+        await asyncio.gather(*(instance.stop() for instance in self.instances))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self._io_pool.shutdown(wait=False, cancel_futures=True)
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._load_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _load_and_warm_up(self) -> None:
         config = self.config
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
-        encoder = await loop.run_in_executor(self._model_thread, self._encoder_factory)
+        if self.instance_count == 1:
+            encoder = await self._load_in_process()
+            self.instances = [InProcessInstance("0", encoder)]
+            self.metrics.instance_up.labels("0").set(1)
+        else:
+            encoder = await self._start_processes()
         info = encoder.info
         log.info(
             "loaded %s from %s (sha256 %s) on %s in %.1f s%s",
@@ -185,15 +201,9 @@ class BiFusionServer:
         self.metrics.set_model_info(
             info.architecture, info.checkpoint_sha256, info.device, info.demo_weights, info.amp
         )
-        if config.warmup_frames:
-            started = time.monotonic()
-            frames = synthetic_frames(config.warmup_frames)
-            await loop.run_in_executor(self._model_thread, encoder.encode, frames)
-            log.info("warm-up: %d synthetic frames in %.2f s", len(frames), time.monotonic() - started)
         self.encoder = encoder
         self.batcher = DynamicBatcher(
-            _model_call(encoder, self.metrics),
-            self._model_thread,
+            self.instances,
             self.metrics,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000.0,
@@ -209,10 +219,51 @@ class BiFusionServer:
             shared_memory=config.allow_shared_memory,
         )
         self._service.attach(Attached(encoder, self.batcher, info_message.SerializeToString()))
+        await self._set_health(True)
+        log.info("SERVING with %d model instance(s)", len(self.instances))
+
+    async def _load_in_process(self) -> BiFusionEncoder:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        factory = self._encoder_factory or (
+            lambda: BiFusionEncoder(config.checkpoint, device=config.device, amp=config.amp)
+        )
+        encoder = await loop.run_in_executor(self._load_thread, factory)
+        if config.warmup_frames:
+            started = time.monotonic()
+            frames = synthetic_frames(config.warmup_frames)
+            await loop.run_in_executor(self._load_thread, encoder.encode, frames)
+            log.info("warm-up: %d synthetic frames in %.2f s", len(frames), time.monotonic() - started)
+        return encoder
+
+    async def _start_processes(self) -> ModelView:
+        """Start every instance process; each loads and warms up the model itself."""
+        config = self.config
+        spec = InstanceSpec(
+            checkpoint=config.checkpoint,
+            device=config.device,
+            amp=config.amp,
+            warmup_frames=config.warmup_frames,
+            threads=max(1, cores() // self.instance_count),
+            log_level=config.log_level,
+        )
+        self.instances = [
+            ProcessInstance(index, spec, self.metrics, on_change=self._instances_changed)
+            for index in range(self.instance_count)
+        ]
+        infos = await asyncio.gather(*(instance.start() for instance in self.instances))
+        return ModelView(infos[0])
+
+    def _instances_changed(self) -> None:
+        """Health follows the instances: NOT_SERVING while none can take a batch."""
+        if self.batcher is None or self._draining or self._stopped:
+            return
+        asyncio.get_running_loop().create_task(self._set_health(any(i.ready for i in self.instances)))
+
+    async def _set_health(self, serving: bool) -> None:
         for name in HEALTH_NAMES:
-            await self._health.set(name, SERVING)
-        self.metrics.ready.set(1)
-        log.info("SERVING")
+            await self._health.set(name, SERVING if serving else NOT_SERVING)
+        self.metrics.ready.set(1 if serving else 0)
 
     def _channel_options(self) -> list[tuple[str, int]]:
         limit = self.config.max_message_bytes
@@ -243,17 +294,9 @@ class BiFusionServer:
         self.metrics.observe_request(rpc, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
 
 
-def _model_call(encoder: BiFusionEncoder, metrics: ServerMetrics):
-    """The batcher's model call: encode a validated batch, then record CUDA memory."""
-    cuda = encoder.device.type == "cuda"
+def _device_type(config: ServerConfig) -> str:
+    if config.device == "auto":
+        import torch
 
-    def encode(frames, options):
-        results = encoder.encode(frames, options, validate=False)
-        if cuda:
-            import torch
-
-            metrics.gpu_allocated.set(torch.cuda.memory_allocated(encoder.device))
-            metrics.gpu_reserved.set(torch.cuda.memory_reserved(encoder.device))
-        return results
-
-    return encode
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device.split(":")[0]

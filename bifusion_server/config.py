@@ -14,6 +14,7 @@ MIB = 1024 * 1024
 ENV_PREFIX = "BIFUSION_"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_INSTANCES = 16
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ServerConfig:
     token: str | None = None
     token_file: str | None = None
     amp: bool = False
+    instances: str = "auto"  # copies of the encoder on the device; "auto" or a count
     warmup_frames: int = 1
     drain_seconds: float = 30.0
     log_level: str = "INFO"
@@ -51,6 +53,9 @@ class ServerConfig:
         for name in ("max_batch_delay_ms", "warmup_frames", "drain_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be ≥ 0")
+        count = self.instances.isascii() and self.instances.isdigit() and int(self.instances)
+        if self.instances != "auto" and not 1 <= count <= MAX_INSTANCES:
+            problems.append(f"--instances must be auto or 1..{MAX_INSTANCES}, not {self.instances!r}")
         if self.max_message_bytes < MIB:
             problems.append("--max-message-bytes must be at least 1 MiB")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -117,6 +122,8 @@ HELP = {
     "token": "bearer token the encoder RPCs require ('authorization: Bearer <token>' metadata)",
     "token_file": "file holding the bearer token",
     "amp": "fp16 autocast on CUDA",
+    "instances": "copies of the encoder on the device, each in a process of its own (1: in the server "
+    "process); auto = 1 on CPU, 2 on CUDA",
     "warmup_frames": "synthetic frames run through the model before reporting SERVING (0 skips)",
     "drain_seconds": "on SIGTERM, how long in-flight requests may take to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

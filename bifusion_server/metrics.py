@@ -22,12 +22,14 @@ RATIO_BUCKETS = tuple(round(0.05 * k, 2) for k in range(21))  # 0.0, 0.05, .., 1
 STAGES = ("prepare", "points", "clip", "unet", "fusion", "output")
 RPCS = ("EncodeFrame", "EncodeStream", "GetModelInfo")
 DROP_REASONS = ("deadline", "cancelled")
+# Not "instance": Prometheus gives that name to the scraped target.
+INSTANCE_LABEL = "model_instance"
 
 
 class ServerMetrics:
     """Every metric the server exports, in a registry of its own (one per server)."""
 
-    def __init__(self) -> None:
+    def __init__(self, instances: int = 1) -> None:
         self.registry = registry = CollectorRegistry()
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)
@@ -53,20 +55,41 @@ class ServerMetrics:
         self.decode_duration = histogram(
             "bifusion_decode_duration_seconds", "Request parsing, image decoding and validation per frame"
         )
-        self.compute_duration = histogram("bifusion_compute_duration_seconds", "Model time per batch")
+        self.compute_duration = histogram(
+            "bifusion_compute_duration_seconds",
+            "Model call per batch, by model instance (crossing the process boundary included)",
+            labels=(INSTANCE_LABEL,),
+        )
         self.encode_duration = histogram(
             "bifusion_encode_duration_seconds", "Response serialisation per frame"
         )
         self.stage_duration = histogram(
-            "bifusion_stage_duration_seconds", "Encoder stage time per batch", labels=("stage",)
+            "bifusion_stage_duration_seconds",
+            "Encoder stage time per batch, by model instance",
+            labels=("stage", INSTANCE_LABEL),
         )
-        self.batch_size = histogram("bifusion_batch_size", "Frames per model call", buckets=BATCH_BUCKETS)
+        self.batch_size = histogram(
+            "bifusion_batch_size",
+            "Frames per model call, by model instance",
+            buckets=BATCH_BUCKETS,
+            labels=(INSTANCE_LABEL,),
+        )
         self.queue_depth = gauge("bifusion_queue_depth", "Frames waiting for the model")
         self.inflight = gauge("bifusion_inflight_requests", "RPCs in progress (a stream counts once)")
         self.frames = Counter("bifusion_frames", "Frames encoded successfully", registry=registry)
         self.batch_failures = Counter(
             "bifusion_batch_failures",
-            "Model calls that raised (their requests got INTERNAL)",
+            "Model calls that raised, by model instance (a failing batch is retried in halves)",
+            (INSTANCE_LABEL,),
+            registry=registry,
+        )
+        self.instance_up = gauge(
+            "bifusion_instance_up", "1 while the model instance takes batches", (INSTANCE_LABEL,)
+        )
+        self.instance_restarts = Counter(
+            "bifusion_instance_restarts",
+            "Model instance processes restarted after they died",
+            (INSTANCE_LABEL,),
             registry=registry,
         )
         self.dropped = Counter(
@@ -102,10 +125,14 @@ class ServerMetrics:
             ("architecture", "checkpoint_sha256", "device", "demo_weights", "amp"),
         )
         self.gpu_allocated = gauge(
-            "bifusion_gpu_memory_allocated_bytes", "CUDA memory held by tensors (0 on CPU)"
+            "bifusion_gpu_memory_allocated_bytes",
+            "CUDA memory held by tensors, by model instance (0 on CPU)",
+            (INSTANCE_LABEL,),
         )
         self.gpu_reserved = gauge(
-            "bifusion_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator (0 on CPU)"
+            "bifusion_gpu_memory_reserved_bytes",
+            "CUDA memory reserved by the caching allocator, by model instance (0 on CPU)",
+            (INSTANCE_LABEL,),
         )
         self.ready = gauge("bifusion_ready", "1 while the health status is SERVING")
 
@@ -113,8 +140,14 @@ class ServerMetrics:
         for rpc in RPCS:
             self.requests.labels(rpc, "OK")
             self.request_duration.labels(rpc, "OK")
-        for stage in STAGES:
-            self.stage_duration.labels(stage)
+        for index in range(instances):
+            name = str(index)
+            for stage in STAGES:
+                self.stage_duration.labels(stage, name)
+            for metric in (self.compute_duration, self.batch_size, self.batch_failures):
+                metric.labels(name)
+            for metric in (self.instance_up, self.instance_restarts, self.gpu_allocated, self.gpu_reserved):
+                metric.labels(name)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
 

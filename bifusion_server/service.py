@@ -22,8 +22,9 @@ from google.protobuf.message import DecodeError
 
 from bifusion import BiFusionEncoder, InputError
 
-from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
+from .batcher import Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull, deadline_passed
 from .decode import DecodedRequest, decode_request, largest_field, parse_request
+from .failures import InstanceLost, ModelFailed
 from .metrics import ServerMetrics
 from .respond import (
     model_id,
@@ -299,8 +300,10 @@ class EncoderService:
             raise ServiceError(
                 Code.DEADLINE_EXCEEDED, "the deadline passed before the frame reached the model"
             ) from None
-        except BatchFailed as exc:
-            raise ServiceError(Code.INTERNAL, f"the model failed on this frame's batch: {exc}") from None
+        except ModelFailed as failure:
+            raise _model_failure(failure) from None
+        except InstanceLost as lost:
+            raise ServiceError(Code.UNAVAILABLE, f"{lost}; the frame was not computed, retry it") from None
 
     def _serialise(self, model: Attached, prepared: Prepared, encoded: Encoded) -> bytes:
         started = time.perf_counter()
@@ -334,6 +337,7 @@ class EncoderService:
     async def _guarded(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable]):
         """Runs an RPC's work; maps errors to status codes and records the call's metrics."""
         started = time.perf_counter()
+        deadline = _deadline(context)
         code = Code.OK
         self._enter()
         try:
@@ -342,8 +346,7 @@ class EncoderService:
             code = error.code
             await context.abort(error.code, error.message, error.trailing_metadata())
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = Code.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else Code.CANCELLED
+            code = Code.DEADLINE_EXCEEDED if deadline_passed(deadline) else Code.CANCELLED
             raise
         except Exception:
             code = Code.INTERNAL
@@ -376,6 +379,19 @@ def _parse(message_type, data: bytes):
     except DecodeError as exc:
         name = message_type.DESCRIPTOR.full_name
         raise ServiceError(Code.INVALID_ARGUMENT, f"request: not a valid {name}: {exc}", "request") from None
+
+
+def _model_failure(failure: ModelFailed) -> ServiceError:
+    """The status of a frame that made the model raise on its own (its batch-mates were retried)."""
+    if failure.kind == ModelFailed.INVALID_INPUT:
+        return ServiceError.invalid(failure)
+    if failure.kind == ModelFailed.OUT_OF_MEMORY:
+        return ServiceError(
+            Code.RESOURCE_EXHAUSTED,
+            f"this frame alone does not fit in the model's memory ({failure.message}); send fewer points "
+            "or a smaller image",
+        )
+    return ServiceError(Code.INTERNAL, f"the model failed on this frame: {failure.message}")
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

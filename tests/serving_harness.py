@@ -208,11 +208,13 @@ def server_process(
 
 class ModelSpy:
     """Wraps an encoder: records the frame ids every model call sees, can hold calls at a
-    gate (to keep the model busy on purpose) and can fail batches holding a given frame id."""
+    gate (to keep the model busy on purpose) and can fail batches holding a given frame id
+    (with ``failure(frame_id)``, a RuntimeError by default)."""
 
-    def __init__(self, encoder, fail_on: str | None = None):
+    def __init__(self, encoder, fail_on: str | None = None, failure=None):
         self._encoder = encoder
         self.fail_on = fail_on
+        self.failure = failure or (lambda frame_id: RuntimeError(f"injected failure for {frame_id}"))
         self.seen: list[str] = []
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
@@ -230,5 +232,5 @@ class ModelSpy:
         if not self.gate.wait(timeout=120):
             raise TimeoutError("the test never opened the gate")
         if self.fail_on is not None and self.fail_on in ids:
-            raise RuntimeError(f"injected failure for {self.fail_on}")
+            raise self.failure(self.fail_on)
         return self._encoder.encode(frames, options, validate=validate)

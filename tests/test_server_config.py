@@ -32,6 +32,16 @@ def test_environment_sets_and_flags_win():
     assert config.checkpoint == "/models/a.safetensors" and config.log_level == "DEBUG"
 
 
+def test_instances_from_flag_or_environment_and_auto_per_device():
+    from bifusion_server.instances import resolve_instances
+
+    assert load_config([], env={}).instances == "auto"
+    assert load_config([], env={"BIFUSION_INSTANCES": "3"}).instances == "3"
+    assert load_config(["--instances", "2"], env={"BIFUSION_INSTANCES": "3"}).instances == "2"
+    assert (resolve_instances("auto", "cpu"), resolve_instances("auto", "cuda")) == (1, 2)
+    assert resolve_instances("3", "cpu") == 3
+
+
 def test_empty_environment_values_are_ignored():
     assert load_config([], env={"BIFUSION_PORT": ""}).port == 50051
 
@@ -48,6 +58,9 @@ def test_empty_environment_values_are_ignored():
         (["--token", "a", "--token-file", "f"], {}, "not both"),
         (["--max-message-bytes", "1000"], {}, "at least 1 MiB"),
         (["--port", "70000"], {}, "--port must be within 0..65535"),
+        (["--instances", "0"], {}, "--instances must be auto or 1..16, not '0'"),
+        ([], {"BIFUSION_INSTANCES": "two"}, "--instances must be auto or 1..16, not 'two'"),
+        (["--instances", "17"], {}, "--instances must be auto or 1..16"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message(argv, env, words, capsys):

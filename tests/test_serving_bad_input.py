@@ -214,7 +214,7 @@ def test_after_every_bad_input_a_good_frame_is_answered(live, client, tum_folder
     for name, (_, field, words) in CASES.items():
         expect_invalid(client, bad_request(name, frame), field, words)
     assert live.metric("bifusion_frames_total") == frames_before  # none reached the model
-    assert live.metric("bifusion_batch_failures_total") == 0
+    assert live.metric("bifusion_batch_failures_total", model_instance="0") == 0
     result = client.encode_request(request_from_folder_frame(frame, max_points=500))
     assert result.features.shape == (500, 256)
     assert live.metric("bifusion_frames_total") == frames_before + 1

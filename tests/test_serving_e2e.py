@@ -77,8 +77,8 @@ def test_unary_with_8_concurrent_clients_matches_in_process_encoder(live, refere
     # The batcher batched: at least one response ran in a batch of several frames, and the
     # batch-size histogram saw fewer model calls than frames.
     assert max(r.batch_size for r in results) > 1
-    calls = live.metric("bifusion_batch_size_count")
-    assert live.metric("bifusion_batch_size_sum") / calls > 1
+    calls = live.metric("bifusion_batch_size_count", model_instance="0")
+    assert live.metric("bifusion_batch_size_sum", model_instance="0") / calls > 1
 
 
 def test_streams_from_8_concurrent_clients_match_in_order(live, reference, tum_folder_frames):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -31,9 +33,29 @@ def test_served_on_cuda_matches_in_process_and_reports_gpu_memory(
         requests = [request_from_folder_frame(f, max_points=20_000) for f in tum_folder_frames]
         for result in client.encode_stream(requests):
             np.testing.assert_allclose(result.features, expected[result.frame_id].features, rtol=0, atol=1e-4)
-        assert live.metric("bifusion_gpu_memory_allocated_bytes") > 0
-        assert live.metric("bifusion_gpu_memory_reserved_bytes") >= live.metric(
-            "bifusion_gpu_memory_allocated_bytes"
+        one = {"model_instance": "0"}
+        assert live.metric("bifusion_gpu_memory_allocated_bytes", **one) > 0
+        assert live.metric("bifusion_gpu_memory_reserved_bytes", **one) >= live.metric(
+            "bifusion_gpu_memory_allocated_bytes", **one
         )
         info = [dict(labels) for name, labels in live.metrics() if name == "bifusion_model_info"]
         assert info and info[0]["device"].startswith("cuda")
+
+
+def test_process_instances_on_cuda_match_in_process_and_each_report_gpu_memory(
+    cuda_encoder, tum_frames, tum_folder_frames
+):
+    options = EncodeOptions(max_points=20_000)
+    expected = {
+        f.frame_id: r for f, r in zip(tum_frames, cuda_encoder.encode(tum_frames, options), strict=True)
+    }
+    with running_server(None, device="cuda", instances="2", max_batch_size=2) as live:
+        assert all(i.info.device.startswith("cuda") for i in live.server.instances)
+        requests = [request_from_folder_frame(f, max_points=20_000) for f in tum_folder_frames]
+        with ThreadPoolExecutor(4) as pool, BiFusionClient(live.address) as client:
+            results = list(pool.map(client.encode_request, requests * 4))
+        for result in results:
+            np.testing.assert_allclose(result.features, expected[result.frame_id].features, rtol=0, atol=1e-4)
+        for name in ("0", "1"):
+            assert live.metric("bifusion_batch_size_count", model_instance=name) > 0, name
+            assert live.metric("bifusion_gpu_memory_allocated_bytes", model_instance=name) > 0, name

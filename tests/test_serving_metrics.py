@@ -23,14 +23,16 @@ DOCUMENTED = {  # name: (type, labels)
     "bifusion_request_duration_seconds": ("histogram", {"rpc", "code"}),
     "bifusion_queue_wait_seconds": ("histogram", set()),
     "bifusion_decode_duration_seconds": ("histogram", set()),
-    "bifusion_compute_duration_seconds": ("histogram", set()),
+    "bifusion_compute_duration_seconds": ("histogram", {"model_instance"}),
     "bifusion_encode_duration_seconds": ("histogram", set()),
-    "bifusion_stage_duration_seconds": ("histogram", {"stage"}),
-    "bifusion_batch_size": ("histogram", set()),
+    "bifusion_stage_duration_seconds": ("histogram", {"stage", "model_instance"}),
+    "bifusion_batch_size": ("histogram", {"model_instance"}),
     "bifusion_queue_depth": ("gauge", set()),
     "bifusion_inflight_requests": ("gauge", set()),
     "bifusion_frames": ("counter", set()),
-    "bifusion_batch_failures": ("counter", set()),
+    "bifusion_batch_failures": ("counter", {"model_instance"}),
+    "bifusion_instance_up": ("gauge", {"model_instance"}),
+    "bifusion_instance_restarts": ("counter", {"model_instance"}),
     "bifusion_requests_dropped": ("counter", {"reason"}),
     "bifusion_points_per_frame": ("histogram", set()),
     "bifusion_request_bytes": ("histogram", set()),
@@ -40,8 +42,8 @@ DOCUMENTED = {  # name: (type, labels)
     "bifusion_gate_mean_last": ("gauge", set()),
     "bifusion_valid_ratio_last": ("gauge", set()),
     "bifusion_model_info": ("gauge", {"architecture", "checkpoint_sha256", "device", "demo_weights", "amp"}),
-    "bifusion_gpu_memory_allocated_bytes": ("gauge", set()),
-    "bifusion_gpu_memory_reserved_bytes": ("gauge", set()),
+    "bifusion_gpu_memory_allocated_bytes": ("gauge", {"model_instance"}),
+    "bifusion_gpu_memory_reserved_bytes": ("gauge", {"model_instance"}),
     "bifusion_ready": ("gauge", set()),
 }
 
@@ -133,10 +135,13 @@ def test_counts_and_sizes_match_the_traffic(traffic):
     assert metric("bifusion_requests_total", rpc="EncodeStream", code="OK") == 1
     for name in ("queue_wait_seconds", "decode_duration_seconds", "encode_duration_seconds"):
         assert metric(f"bifusion_{name}_count") == len(results), name
-    batches = metric("bifusion_batch_size_count")
-    assert metric("bifusion_batch_size_sum") == len(results)
-    assert metric("bifusion_compute_duration_seconds_count") == batches
-    assert metric("bifusion_stage_duration_seconds_count", stage="unet") == batches
+    one = {"model_instance": "0"}  # an in-process server has one instance
+    batches = metric("bifusion_batch_size_count", **one)
+    assert metric("bifusion_batch_size_sum", **one) == len(results)
+    assert metric("bifusion_compute_duration_seconds_count", **one) == batches
+    assert metric("bifusion_stage_duration_seconds_count", stage="unet", **one) == batches
+    assert metric("bifusion_instance_up", **one) == 1
+    assert metric("bifusion_instance_restarts_total", **one) == 0
     assert metric("bifusion_queue_depth") == 0 and metric("bifusion_inflight_requests") == 0
     assert metric("bifusion_ready") == 1
     info = traffic.live.server.encoder.info
@@ -145,8 +150,8 @@ def test_counts_and_sizes_match_the_traffic(traffic):
         demo_weights="true", amp="false",
     )  # fmt: skip
     assert metric("bifusion_model_info", **labels) == 1
-    assert metric("bifusion_gpu_memory_allocated_bytes") == 0  # present on CPU, at 0
-    assert metric("bifusion_gpu_memory_reserved_bytes") == 0
+    assert metric("bifusion_gpu_memory_allocated_bytes", **one) == 0  # present on CPU, at 0
+    assert metric("bifusion_gpu_memory_reserved_bytes", **one) == 0
 
 
 def test_promtool_finds_nothing_to_lint(traffic):

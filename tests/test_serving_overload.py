@@ -10,9 +10,12 @@ import contextlib
 
 import grpc
 import pytest
+import torch
 from bifusion_client.request import request_from_folder_frame
 from bifusion_wire import encoder_pb2_grpc
 from serving_harness import ModelSpy, health_status, running_server, wait_until
+
+from bifusion import InputError
 
 MAX_POINTS = 500
 
@@ -84,21 +87,106 @@ def test_full_queue_is_resource_exhausted_at_once(encoder, tum_folder_frames):
         assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="RESOURCE_EXHAUSTED") == 1
 
 
-def test_a_failing_batch_fails_only_its_requests(encoder, tum_folder_frames):
-    spy, frame = ModelSpy(encoder, fail_on="explode"), tum_folder_frames[0]
-    with model_held_busy(spy, frame, max_batch_size=4, max_batch_delay_ms=200) as (live, stub, busy):
-        # These two share the next batch: the model is busy while they queue.
-        doomed = [stub.EncodeFrame.future(request(frame, name), timeout=60) for name in ("explode", "mate")]
-        wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
-        spy.gate.set()
-        assert busy.result().frame_id == "busy"
-        for future in doomed:
+def test_expired_frames_leave_the_queue_at_once_and_free_their_slots(encoder, tum_folder_frames):
+    spy, frame = ModelSpy(encoder), tum_folder_frames[0]
+    with model_held_busy(spy, frame, max_batch_size=1, max_queue=2) as (live, stub, busy):
+        late = [stub.EncodeFrame.future(request(frame, f"late-{i}"), timeout=0.5) for i in range(2)]
+        for future in late:
             with pytest.raises(grpc.RpcError) as caught:
                 future.result()
-            assert caught.value.code() == grpc.StatusCode.INTERNAL
-            assert "injected failure" in caught.value.details()
-        assert spy.batches[1] == ["explode", "mate"]
-        assert live.metric("bifusion_batch_failures_total") == 1
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The model is still busy, yet the expired frames no longer hold the queue's two slots.
+        wait_until(lambda: live.server.batcher.queued == 0, timeout=5, what="the queue to empty")
+        assert live.metric("bifusion_queue_depth") == 0
+        waiting = [stub.EncodeFrame.future(request(frame, f"waiting-{i}"), timeout=120) for i in range(2)]
+        wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
+        spy.gate.set()
+        assert [f.result().frame_id for f in [busy, *waiting]] == ["busy", "waiting-0", "waiting-1"]
+        assert spy.seen == ["busy", "waiting-0", "waiting-1"]
+        assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="RESOURCE_EXHAUSTED") is None
+        assert live.metric("bifusion_requests_dropped_total", reason="deadline") == 2
+
+
+def test_every_expired_request_is_counted_as_deadline_exceeded(encoder, tum_folder_frames):
+    """Whichever ends the call first (the server's timer or the client's cancellation at its
+    own deadline), an expired request is DEADLINE_EXCEEDED in both counters, never CANCELLED."""
+    spy, frame = ModelSpy(encoder), tum_folder_frames[0]
+    count = 30
+    with model_held_busy(spy, frame, max_batch_size=1, max_queue=64) as (live, stub, busy):
+        late = [
+            stub.EncodeFrame.future(request(frame, f"late-{i}"), timeout=0.2 + 0.02 * (i % 10))
+            for i in range(count)
+        ]
+        codes = []
+        for future in late:
+            with pytest.raises(grpc.RpcError) as caught:
+                future.result()
+            codes.append(caught.value.code())
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * count
+        wait_until(
+            lambda: (
+                live.metric("bifusion_requests_total", rpc="EncodeFrame", code="DEADLINE_EXCEEDED") == count
+            ),
+            timeout=10,
+            what=f"{count} DEADLINE_EXCEEDED",
+        )
+        assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="CANCELLED") is None
+        assert live.metric("bifusion_requests_dropped_total", reason="deadline") == count
+        assert live.metric("bifusion_requests_dropped_total", reason="cancelled") == 0
+        assert live.server.batcher.queued == 0
+        spy.gate.set()
+        assert busy.result().frame_id == "busy"
+        assert spy.seen == ["busy"]
+
+
+def test_a_failing_batch_is_bisected_so_only_the_guilty_frame_fails(encoder, tum_folder_frames):
+    spy, frame = ModelSpy(encoder, fail_on="explode"), tum_folder_frames[0]
+    names = ("a", "explode", "b", "c")
+    with model_held_busy(spy, frame, max_batch_size=4, max_batch_delay_ms=200) as (live, stub, busy):
+        # These four share the next batch: the model is busy while they queue.
+        futures = {name: stub.EncodeFrame.future(request(frame, name), timeout=120) for name in names}
+        wait_until(lambda: live.server.batcher.queued == 4, what="four queued frames")
+        spy.gate.set()
+        assert busy.result().frame_id == "busy"
+        with pytest.raises(grpc.RpcError) as caught:
+            futures.pop("explode").result()
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert "injected failure" in caught.value.details()
+        for name, future in futures.items():
+            result = future.result()
+            assert result.frame_id == name and result.stats.num_points == MAX_POINTS
+        # The batch of four failed, then its half holding "explode", then "explode" alone.
+        assert spy.batches[1:] == [list(names), ["a", "explode"], ["a"], ["explode"], ["b", "c"]]
+        assert live.metric("bifusion_batch_failures_total", model_instance="0") == 3
+        assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="INTERNAL") == 1
         # The server stays up and healthy.
         assert stub.EncodeFrame(request(frame, "later"), timeout=60).frame_id == "later"
         assert health_status(live.address) == "SERVING"
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "detail"),
+    [
+        (lambda _: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "does not fit"),
+        (lambda _: InputError("points", "the frame has no points"),
+         grpc.StatusCode.INVALID_ARGUMENT, "points:"),
+    ],
+    ids=["out-of-memory", "input-error"],
+)  # fmt: skip
+def test_a_frame_failing_alone_gets_the_status_of_its_failure(
+    encoder, tum_folder_frames, failure, code, detail
+):
+    spy, frame = ModelSpy(encoder, fail_on="huge", failure=failure), tum_folder_frames[0]
+    with model_held_busy(spy, frame, max_batch_size=2, max_batch_delay_ms=200) as (live, stub, busy):
+        huge = stub.EncodeFrame.future(request(frame, "huge"), timeout=120)
+        mate = stub.EncodeFrame.future(request(frame, "mate"), timeout=120)
+        wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
+        spy.gate.set()
+        assert busy.result().frame_id == "busy"
+        with pytest.raises(grpc.RpcError) as caught:
+            huge.result()
+        assert caught.value.code() == code
+        assert detail in caught.value.details()
+        assert mate.result().frame_id == "mate"
+        assert spy.batches[1:] == [["huge", "mate"], ["huge"], ["mate"]]
