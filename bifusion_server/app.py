@@ -202,9 +202,11 @@ class BiFusionServer:
         limit = self.config.max_message_bytes
         return [
             ("grpc.max_send_message_length", limit),
-            # Up to twice the limit is read so the service can say which field is too big
-            # (INVALID_ARGUMENT); beyond that gRPC refuses with RESOURCE_EXHAUSTED unread.
-            ("grpc.max_receive_message_length", 2 * limit),
+            # The service refuses a message over the limit itself (INVALID_ARGUMENT naming the
+            # field, counted like any request). gRPC's own refusal would end a stream at once
+            # and lose the responses to the frames before it. The token is checked before any
+            # body is read (auth.py), so only an authorised client can send a large message.
+            ("grpc.max_receive_message_length", -1),
             # A second server on a taken port must fail, not share it.
             ("grpc.so_reuseport", 0),
         ]

@@ -46,15 +46,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _rejecting(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
+    """A handler that answers UNAUTHENTICATED without reading the request body.
 
-    async def deny(_request, context):
+    It is request-streaming whatever the method's shape (the wire is the same): gRPC reads a
+    unary request whole before calling its handler, while a streaming handler that never
+    iterates leaves the body unread, so a large anonymous request costs no memory.
+    """
+
+    async def deny(_requests, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
-    shape = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return shape(deny, request_deserializer=handler.request_deserializer)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)

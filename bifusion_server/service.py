@@ -171,6 +171,7 @@ class EncoderService:
         try:
             request = parse_request(data)
             if len(data) > self._max_message_bytes:
+                # Parsed only to name the bulkiest field: nothing of it is decoded.
                 field, size = largest_field(request)
                 raise FieldError(
                     field,

@@ -10,7 +10,7 @@ import sys
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from serving_harness import ROOT, health_status, running_server
+from serving_harness import ROOT, health_status, running_server, server_process
 
 from bifusion_wire import SERVICE_NAME
 from bifusion_client.api import BiFusionClient
@@ -87,6 +87,29 @@ def test_token_guards_encoder_rpcs_but_not_health_or_reflection(encoder, tum_fol
     logged = json.loads(config_lines[-1].removeprefix("effective config: "))
     assert logged["token"] == "<set>" and logged["max_batch_size"] == 8
     assert TOKEN not in caplog.text
+
+
+def peak_rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_an_anonymous_large_request_is_refused_before_its_body_is_read():
+    """Four anonymous 100 MiB requests: refused from their metadata, the server's peak memory
+    does not grow by their size (before the check moved ahead of the body: about +570 MB)."""
+    body = bytes(100 * 1024 * 1024)
+    with server_process("--token", TOKEN, "--warmup-frames", "0", "--max-message-bytes", str(128 << 20)) as live:
+        peak_before = peak_rss_bytes(live.process.pid)
+        with grpc.insecure_channel(live.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+            call = channel.unary_unary(f"/{SERVICE_NAME}/EncodeFrame")  # bytes in, bytes out
+            futures = [call.future(body, timeout=60) for _ in range(4)]
+            for future in futures:
+                assert future.exception().code() == grpc.StatusCode.UNAUTHENTICATED
+        growth = peak_rss_bytes(live.process.pid) - peak_before
+        assert growth < 64 * 1024 * 1024, f"peak memory grew by {growth / 2**20:.0f} MiB"
+        assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAUTHENTICATED") == 4
 
 
 def test_token_from_a_file(encoder, tum_folder_frames, tmp_path):
