@@ -90,9 +90,10 @@ def test_token_guards_encoder_rpcs_but_not_health_or_reflection(encoder, tum_fol
 
 
 def peak_rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM in /proc status")
 
 
@@ -100,7 +101,8 @@ def test_an_anonymous_large_request_is_refused_before_its_body_is_read():
     """Four anonymous 100 MiB requests: refused from their metadata, the server's peak memory
     does not grow by their size (before the check moved ahead of the body: about +570 MB)."""
     body = bytes(100 * 1024 * 1024)
-    with server_process("--token", TOKEN, "--warmup-frames", "0", "--max-message-bytes", str(128 << 20)) as live:
+    flags = ("--token", TOKEN, "--warmup-frames", "0", "--max-message-bytes", str(128 << 20))
+    with server_process(*flags) as live:
         peak_before = peak_rss_bytes(live.process.pid)
         with grpc.insecure_channel(live.address, options=[("grpc.max_send_message_length", -1)]) as channel:
             call = channel.unary_unary(f"/{SERVICE_NAME}/EncodeFrame")  # bytes in, bytes out
