@@ -28,6 +28,7 @@ from bifusion_wire import encoder_pb2 as pb
 
 from .auth import BearerTokenInterceptor
 from .batcher import DynamicBatcher
+from .budget import Budget, BudgetLimits
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .respond import model_info_message
@@ -82,12 +83,18 @@ class BiFusionServer:
         config = self.config
         log.info("effective config: %s", json.dumps(config.redacted(), sort_keys=True))
         token = config.bearer_token()
+        warn_if_exposed(config, token)
         if config.metrics_port:
-            self._metrics_http = self.metrics.serve_http(config.host, config.metrics_port)
+            metrics_host = config.effective_metrics_host
+            self._metrics_http = self.metrics.serve_http(metrics_host, config.metrics_port)
             self.metrics_port = self._metrics_http.server_port
-            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, self.metrics_port)
         self._service = EncoderService(
-            self.metrics, self._io_pool, config.max_message_bytes, stream_window=config.max_batch_size
+            self.metrics,
+            self._io_pool,
+            config.max_message_bytes,
+            stream_window=config.max_batch_size,
+            budget=Budget(budget_limits(config)),
         )
         self._health = health.aio.HealthServicer()
         for name in HEALTH_NAMES:
@@ -199,8 +206,10 @@ class BiFusionServer:
         log.info("SERVING")
 
     def _channel_options(self) -> list[tuple[str, int]]:
-        limit = self.config.max_message_bytes
+        config = self.config
+        limit = config.max_message_bytes
         return [
+            *connection_options(config),
             ("grpc.max_send_message_length", limit),
             # The service refuses a message over the limit itself (INVALID_ARGUMENT naming the
             # field, counted like any request). gRPC's own refusal would end a stream at once
@@ -227,6 +236,59 @@ class BiFusionServer:
 
     def _count_rejected(self, rpc: str) -> None:
         self.metrics.observe_request(rpc, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+
+def budget_limits(config: ServerConfig) -> BudgetLimits:
+    return BudgetLimits(
+        request_pixels=config.max_request_pixels,
+        request_points=config.max_request_points,
+        queued_pixels=config.max_queued_pixels,
+        queued_points=config.max_queued_points,
+    )
+
+
+# Keepalive: the server pings a silent client every minute and drops it if no answer comes in
+# 20 s (dead peers do not hold connections); clients may ping at most every 30 s, also while
+# idle, and a client pinging faster is sent GOAWAY after two strikes.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC server options that bound what clients can hold: connections, streams, their time."""
+    options = [
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        *KEEPALIVE_OPTIONS,
+    ]
+    if config.connection_idle_seconds:
+        options.append(("grpc.max_connection_idle_ms", round(config.connection_idle_seconds * 1000)))
+    if config.connection_age_seconds:
+        options.append(("grpc.max_connection_age_ms", round(config.connection_age_seconds * 1000)))
+        options.append(
+            ("grpc.max_connection_age_grace_ms", round(config.connection_age_grace_seconds * 1000))
+        )
+    return options
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def warn_if_exposed(config: ServerConfig, token: str | None) -> None:
+    """A server reachable from other machines with no token lets anyone use the GPU."""
+    if token or config.host in LOOPBACK_HOSTS or config.host.startswith("127."):
+        return
+    log.warning(
+        "SECURITY: listening on %s without a bearer token: anyone who can reach port %d can use "
+        "the encoder. Set --token-file (or BIFUSION_TOKEN_FILE), or listen on 127.0.0.1.",
+        config.host,
+        config.port,
+    )
 
 
 def _model_call(encoder: BiFusionEncoder, metrics: ServerMetrics):

@@ -21,7 +21,8 @@ from bifusion_wire import SERVICE_NAME
 from bifusion_wire.tensor import FieldError
 
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
-from .decode import DecodedRequest, decode_request, largest_field, parse_request
+from .budget import Budget, BudgetFull, Cost, OverRequestBudget
+from .decode import DecodedRequest, decode_request, largest_field, parse_request, request_cost
 from .metrics import ServerMetrics
 from .respond import build_response, model_id, response_bytes_bound
 
@@ -44,7 +45,7 @@ class ServiceError(Exception):
         self.frame_id: str | None = None  # known once the request is parsed
 
     @classmethod
-    def invalid(cls, error: FieldError | InputError) -> ServiceError:
+    def invalid(cls, error: FieldError | InputError | OverRequestBudget) -> ServiceError:
         field = ENCODER_TO_PROTO_FIELD.get(error.field, error.field)
         return cls(Code.INVALID_ARGUMENT, f"{field}: {error.message}", field)
 
@@ -66,6 +67,7 @@ class Prepared:
 
     decoded: DecodedRequest
     decode_seconds: float
+    cost: Cost  # held in the budget until the response is serialised
 
 
 @dataclass
@@ -79,9 +81,15 @@ class Attached:
 
 class EncoderService:
     def __init__(
-        self, metrics: ServerMetrics, io_executor: Executor, max_message_bytes: int, stream_window: int
+        self,
+        metrics: ServerMetrics,
+        io_executor: Executor,
+        max_message_bytes: int,
+        stream_window: int,
+        budget: Budget,
     ):
         self._metrics = metrics
+        self._budget = budget
         self._io = io_executor
         self._max_message_bytes = max_message_bytes
         self._stream_window = stream_window
@@ -155,17 +163,33 @@ class EncoderService:
     async def _process(self, model: Attached, request: bytes, deadline: float | None) -> bytes:
         """One frame: decode and check it, have it encoded in a batch, serialise the response."""
         self._metrics.request_bytes.observe(len(request))
-        prepared = await self._in_pool(self._decode, model.encoder, request)
+        prepared = await self._prepare(model.encoder, request)
         try:
             encoded = await self._compute(model, prepared, deadline)
             response = await self._in_pool(self._serialise, model, prepared, encoded)
         except ServiceError as error:
             error.frame_id = prepared.decoded.frame.frame_id
             raise
+        finally:
+            self._budget.release(prepared.cost)
         self._metrics.response_bytes.observe(len(response))
         return response
 
+    async def _prepare(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
+        """``_decode`` in the pool; a call cancelled meanwhile still gives its budget back."""
+        decoding = asyncio.get_running_loop().run_in_executor(self._io, self._decode, encoder, data)
+        try:
+            return await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            decoding.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, decoding: asyncio.Future) -> None:
+        if not decoding.cancelled() and decoding.exception() is None:
+            self._budget.release(decoding.result().cost)
+
     def _decode(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
+        """Parse, admit into the budget (from the header alone), decode and validate."""
         started = time.perf_counter()
         request = None
         try:
@@ -178,16 +202,26 @@ class EncoderService:
                     f"the request is {len(data)} bytes, over the server's limit of {self._max_message_bytes} "
                     f"(this field holds {size}); send PNG instead of raw, or smaller images",
                 )
-            decoded = decode_request(request, encoder.limits)
-            encoder.validate(decoded.frame, decoded.options)
-            self._check_response_size(encoder, decoded)
-        except (FieldError, InputError) as error:
+            cost = request_cost(request, encoder.limits, encoder.config.max_points)
+            self._budget.admit(cost)
+            try:
+                decoded = decode_request(request, encoder.limits)
+                encoder.validate(decoded.frame, decoded.options)
+                self._check_response_size(encoder, decoded)
+            except BaseException:
+                self._budget.release(cost)
+                raise
+        except (FieldError, InputError, OverRequestBudget) as error:
             failure = ServiceError.invalid(error)
             failure.frame_id = request.frame_id if request is not None else None
             raise failure from None
+        except BudgetFull as full:
+            failure = ServiceError(Code.RESOURCE_EXHAUSTED, str(full))
+            failure.frame_id = request.frame_id
+            raise failure from None
         seconds = time.perf_counter() - started
         self._metrics.decode_duration.observe(seconds)
-        return Prepared(decoded, seconds)
+        return Prepared(decoded, seconds, cost)
 
     def _check_response_size(self, encoder: BiFusionEncoder, decoded: DecodedRequest) -> None:
         frame, options = decoded.frame, decoded.options
