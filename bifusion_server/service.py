@@ -313,6 +313,11 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _ignore_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 _END = object()  # the client half-closed the stream
 _DRAINED = object()  # the server began draining: read no more
 
@@ -370,6 +375,7 @@ class _OrderedStream:
 
     async def _read(self, requests) -> None:
         drained = asyncio.ensure_future(self._draining.wait())
+        receive = None
         try:
             while True:
                 await self._slots.acquire()
@@ -389,3 +395,7 @@ class _OrderedStream:
             self._pending.put_nowait(exc)
         finally:
             drained.cancel()
+            if receive is not None:
+                # A read still pending when the stream ends is dropped, its outcome unread.
+                receive.cancel()
+                receive.add_done_callback(_ignore_outcome)
