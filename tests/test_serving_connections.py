@@ -56,45 +56,55 @@ def test_connection_options_follow_the_config():
 
 
 def test_an_idle_connection_is_closed_after_the_idle_limit(encoder):
-    with running_server(encoder, connection_idle_seconds=1.0) as live:
-        with grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel:
-            states = StateRecorder(channel)
-            assert check(channel) == "SERVING"
-            # The server sends GOAWAY once no call has run for 1 s: the channel drops to IDLE.
-            wait_until(
-                lambda: states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE),
-                timeout=20,
-                what="the idle connection to be closed",
-            )
-            assert check(channel) == "SERVING"  # and a client reconnects transparently
+    with (
+        running_server(encoder, connection_idle_seconds=1.0) as live,
+        grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel,
+    ):
+        states = StateRecorder(channel)
+        assert check(channel) == "SERVING"
+        # The server sends GOAWAY once no call has run for 1 s: the channel drops to IDLE.
+        wait_until(
+            lambda: states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE),
+            timeout=20,
+            what="the idle connection to be closed",
+        )
+        assert check(channel) == "SERVING"  # and a client reconnects transparently
 
 
-def test_an_active_connection_outlives_the_idle_limit(encoder, tum_folder_frames):
-    with running_server(encoder, connection_idle_seconds=1.0) as live:
-        with grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel:
-            states = StateRecorder(channel)
-            stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-            stream = stub.EncodeStream(iter(threading.Event().wait, True), timeout=30)  # open, silent
-            time.sleep(2.5)
-            assert states.saw(grpc.ChannelConnectivity.READY)
-            assert not states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
-            stream.cancel()
+def silent_stream(stub):
+    """An EncodeStream call that stays open and sends nothing."""
+    return stub.EncodeStream(iter(threading.Event().wait, True), timeout=60)
+
+
+def test_an_active_connection_outlives_the_idle_limit(encoder):
+    with (
+        running_server(encoder, connection_idle_seconds=1.0) as live,
+        grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel,
+    ):
+        states = StateRecorder(channel)
+        stream = silent_stream(encoder_pb2_grpc.BiFusionEncoderStub(channel))
+        time.sleep(2.5)
+        assert states.saw(grpc.ChannelConnectivity.READY)
+        assert not states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+        stream.cancel()
 
 
 def test_calls_beyond_the_stream_cap_wait_for_a_free_stream(encoder):
-    with running_server(encoder, max_concurrent_streams=2) as live:
-        with grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel:
-            stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-            assert check(channel) == "SERVING"  # connected: the server's limit is known
-            holders = [stub.EncodeStream(iter(threading.Event().wait, True), timeout=60) for _ in range(2)]
-            wait_until(lambda: live.server._service.inflight == 2, what="two open streams")
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1.5)
-            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # it waited, unserved
-            waiting = stub.GetModelInfo.future(pb.GetModelInfoRequest(), timeout=30)
-            holders[0].cancel()
-            assert waiting.result().feature_dim == 256  # served once a stream was free
-            holders[1].cancel()
+    with (
+        running_server(encoder, max_concurrent_streams=2) as live,
+        grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel,
+    ):
+        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
+        assert check(channel) == "SERVING"  # connected: the server's limit is known
+        holders = [silent_stream(stub) for _ in range(2)]
+        wait_until(lambda: live.server._service.inflight == 2, what="two open streams")
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # it waited, unserved
+        waiting = stub.GetModelInfo.future(pb.GetModelInfoRequest(), timeout=30)
+        holders[0].cancel()
+        assert waiting.result().feature_dim == 256  # served once a stream was free
+        holders[1].cancel()
 
 
 def test_connections_beyond_the_cap_are_refused(encoder):
@@ -120,6 +130,7 @@ def _serving(channel) -> bool:
 
 
 def test_a_client_pinging_too_often_is_sent_away(encoder):
+    """Clients may ping while idle, but not faster than every 30 s."""
     abusive = [
         OWN_CONNECTION,
         ("grpc.keepalive_time_ms", 200),
@@ -135,5 +146,5 @@ def test_a_client_pinging_too_often_is_sent_away(encoder):
                 timeout=20,
                 what="GOAWAY for too many pings",
             )
-        with BiFusionClient(live.address) as polite:
+        with BiFusionClient(live.address) as polite:  # the policy still lets a normal client in
             assert polite.health() == "SERVING"
