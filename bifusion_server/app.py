@@ -26,6 +26,7 @@ from bifusion import BiFusionEncoder
 from bifusion_wire import SERVICE_NAME
 from bifusion_wire import encoder_pb2 as pb
 
+from .access_log import AccessLog, CallRecord
 from .auth import BearerTokenInterceptor
 from .batcher import DynamicBatcher
 from .budget import Budget, BudgetLimits
@@ -77,6 +78,7 @@ class BiFusionServer:
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
         self._stopped = False
+        self._access_log = AccessLog() if config.access_log else None
 
     async def start(self) -> None:
         """Open the ports (health NOT_SERVING) and begin loading the model in the background."""
@@ -95,6 +97,7 @@ class BiFusionServer:
             config.max_message_bytes,
             stream_window=config.max_batch_size,
             budget=Budget(budget_limits(config)),
+            access_log=self._access_log,
         )
         self._health = health.aio.HealthServicer()
         for name in HEALTH_NAMES:
@@ -234,8 +237,11 @@ class BiFusionServer:
         )
         return self._grpc.add_secure_port(address, credentials)
 
-    def _count_rejected(self, rpc: str) -> None:
-        self.metrics.observe_request(rpc, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+    def _count_rejected(self, rpc: str, peer: str) -> None:
+        status = grpc.StatusCode.UNAUTHENTICATED.name
+        self.metrics.observe_request(rpc, status, 0.0)
+        if self._access_log is not None:
+            self._access_log.record(CallRecord(method=rpc, peer=peer, status=status))
 
 
 def budget_limits(config: ServerConfig) -> BudgetLimits:

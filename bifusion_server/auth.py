@@ -15,7 +15,8 @@ BEARER = "bearer "
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls to ``bifusion.v1.BiFusionEncoder`` without ``authorization: Bearer <token>``."""
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
+    def __init__(self, token: str, on_reject: Callable[[str, str], None] | None = None):
+        """``on_reject(rpc, peer)`` is called for every call refused."""
         self._token = token.encode()
         self._prefix = f"/{SERVICE_NAME}/"
         self._on_reject = on_reject
@@ -28,9 +29,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         problem = self._problem(handler_call_details.invocation_metadata or ())
         if problem is None:
             return handler
-        if self._on_reject is not None:
-            self._on_reject(method.rsplit("/", 1)[-1])
-        return _rejecting(handler, problem)
+        return _rejecting(handler, problem, method.rsplit("/", 1)[-1], self._on_reject)
 
     def _problem(self, metadata) -> str | None:
         values = [value for key, value in metadata if key == "authorization"]
@@ -45,7 +44,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
+def _rejecting(
+    handler: grpc.RpcMethodHandler, problem: str, rpc: str, on_reject: Callable[[str, str], None] | None
+) -> grpc.RpcMethodHandler:
     """A handler that answers UNAUTHENTICATED without reading the request body.
 
     It is request-streaming whatever the method's shape (the wire is the same): gRPC reads a
@@ -54,6 +55,8 @@ def _rejecting(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHa
     """
 
     async def deny(_requests, context):
+        if on_reject is not None:
+            on_reject(rpc, context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     if handler.response_streaming:

@@ -20,6 +20,7 @@ from bifusion import BiFusionEncoder, InputError
 from bifusion_wire import SERVICE_NAME
 from bifusion_wire.tensor import FieldError
 
+from .access_log import AccessLog, CallRecord, current_call
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
 from .budget import Budget, BudgetFull, Cost, OverRequestBudget
 from .decode import DecodedRequest, decode_request, largest_field, parse_request, request_cost
@@ -55,7 +56,9 @@ class ServiceError(Exception):
             if self.frame_id
             else f"frame #{index} in the stream"
         )
-        return ServiceError(self.code, f"{where}: {self.message}", self.field)
+        error = ServiceError(self.code, f"{where}: {self.message}", self.field)
+        error.frame_id = self.frame_id
+        return error
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((FIELD_METADATA_KEY, self.field),) if self.field else ()
@@ -87,9 +90,11 @@ class EncoderService:
         max_message_bytes: int,
         stream_window: int,
         budget: Budget,
+        access_log: AccessLog | None = None,
     ):
         self._metrics = metrics
         self._budget = budget
+        self._access_log = access_log
         self._io = io_executor
         self._max_message_bytes = max_message_bytes
         self._stream_window = stream_window
@@ -163,7 +168,10 @@ class EncoderService:
     async def _process(self, model: Attached, request: bytes, deadline: float | None) -> bytes:
         """One frame: decode and check it, have it encoded in a batch, serialise the response."""
         self._metrics.request_bytes.observe(len(request))
+        call = current_call.get()
+        call.add_request(len(request))
         prepared = await self._prepare(model.encoder, request)
+        call.frame_id = prepared.decoded.frame.frame_id
         try:
             encoded = await self._compute(model, prepared, deadline)
             response = await self._in_pool(self._serialise, model, prepared, encoded)
@@ -173,6 +181,7 @@ class EncoderService:
         finally:
             self._budget.release(prepared.cost)
         self._metrics.response_bytes.observe(len(response))
+        call.response_bytes += len(response)
         return response
 
     async def _prepare(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
@@ -278,11 +287,14 @@ class EncoderService:
         """Runs an RPC's work; maps errors to status codes and records the call's metrics."""
         started = time.perf_counter()
         code = Code.OK
+        call = CallRecord(method=rpc, peer=context.peer())
+        current_call.set(call)  # this task's context: the call's own
         self._enter()
         try:
             return await work()
         except ServiceError as error:
             code = error.code
+            call.frame_id = error.frame_id or call.frame_id
             await context.abort(error.code, error.message, error.trailing_metadata())
         except asyncio.CancelledError:
             remaining = context.time_remaining()
@@ -294,7 +306,11 @@ class EncoderService:
             await context.abort(Code.INTERNAL, "internal server error (details in the server log)")
         finally:
             self._leave()
-            self._metrics.observe_request(rpc, code.name, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._metrics.observe_request(rpc, code.name, seconds)
+            if self._access_log is not None:
+                call.status, call.latency_ms = code.name, seconds * 1000.0
+                self._access_log.record(call)
 
     def _enter(self) -> None:
         self._inflight += 1
