@@ -142,7 +142,7 @@ def test_tls(encoder, tum_folder_frames, pki):
         command = [
             sys.executable,
             "-m",
-            "client",
+            "bifusion_client",
             "health",
             "--address",
             live.address,
