@@ -270,6 +270,11 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_allowed_incoming_connections", config.max_connections),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # With overload protection on, gRPC refuses (RST_STREAM, seen as UNAVAILABLE) calls that a
+        # well-behaved client opens as earlier ones finish, before their streams are freed: a
+        # client with more calls than the cap saw most of them fail. Off, calls over the cap wait
+        # for a free stream on the client, as HTTP/2 intends; the cap itself is still enforced.
+        ("grpc.http.overload_protection", 0),
         *KEEPALIVE_OPTIONS,
     ]
     if config.connection_idle_seconds:

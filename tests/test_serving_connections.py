@@ -107,6 +107,19 @@ def test_calls_beyond_the_stream_cap_wait_for_a_free_stream(encoder):
         holders[1].cancel()
 
 
+def test_many_more_calls_than_the_stream_cap_all_succeed(encoder):
+    """A client with 100 calls at once on a connection capped at 8: the extra calls wait, none
+    fails (gRPC's overload protection refused most of them with UNAVAILABLE)."""
+    with (
+        running_server(encoder, max_concurrent_streams=8) as live,
+        grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) as channel,
+    ):
+        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
+        for _ in range(3):
+            futures = [stub.GetModelInfo.future(pb.GetModelInfoRequest(), timeout=60) for _ in range(100)]
+            assert [f.result().feature_dim for f in futures] == [256] * 100
+
+
 def test_connections_beyond_the_cap_are_refused(encoder):
     with running_server(encoder, max_connections=2) as live:
         channels = [grpc.insecure_channel(live.address, options=[OWN_CONNECTION]) for _ in range(3)]
