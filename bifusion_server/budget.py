@@ -16,6 +16,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from bifusion_wire.tensor import FieldError
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -32,11 +34,8 @@ class BudgetLimits:
     queued_points: int
 
 
-class OverRequestBudget(Exception):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+class OverRequestBudget(FieldError):
+    """One request costs more than any request may: ``field`` names what sets the cost."""
 
 
 class BudgetFull(Exception):

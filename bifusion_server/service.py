@@ -22,7 +22,7 @@ from bifusion_wire.tensor import FieldError
 
 from .access_log import AccessLog, CallRecord, current_call
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
-from .budget import Budget, BudgetFull, Cost, OverRequestBudget
+from .budget import Budget, BudgetFull, Cost
 from .decode import DecodedRequest, decode_request, largest_field, parse_request, request_cost
 from .metrics import ServerMetrics
 from .respond import build_response, model_id, response_bytes_bound
@@ -46,7 +46,7 @@ class ServiceError(Exception):
         self.frame_id: str | None = None  # known once the request is parsed
 
     @classmethod
-    def invalid(cls, error: FieldError | InputError | OverRequestBudget) -> ServiceError:
+    def invalid(cls, error: FieldError | InputError) -> ServiceError:
         field = ENCODER_TO_PROTO_FIELD.get(error.field, error.field)
         return cls(Code.INVALID_ARGUMENT, f"{field}: {error.message}", field)
 
@@ -220,7 +220,7 @@ class EncoderService:
             except BaseException:
                 self._budget.release(cost)
                 raise
-        except (FieldError, InputError, OverRequestBudget) as error:
+        except (FieldError, InputError) as error:  # OverRequestBudget is a FieldError
             failure = ServiceError.invalid(error)
             failure.frame_id = request.frame_id if request is not None else None
             raise failure from None

@@ -39,6 +39,12 @@ class StateRecorder:
             return all(any(s == want for s in seen) for want in states)
 
 
+def wait_for_goaway(states: StateRecorder, what: str) -> None:
+    """Until the server closes the channel's connection (READY, then IDLE)."""
+    ready_then_idle = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+    wait_until(lambda: states.saw(*ready_then_idle), timeout=20, what=what)
+
+
 def check(channel: grpc.Channel, timeout: float = 10) -> str:
     request = health_pb2.HealthCheckRequest()
     response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
@@ -63,11 +69,7 @@ def test_an_idle_connection_is_closed_after_the_idle_limit(encoder):
         states = StateRecorder(channel)
         assert check(channel) == "SERVING"
         # The server sends GOAWAY once no call has run for 1 s: the channel drops to IDLE.
-        wait_until(
-            lambda: states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE),
-            timeout=20,
-            what="the idle connection to be closed",
-        )
+        wait_for_goaway(states, "the idle connection to be closed")
         assert check(channel) == "SERVING"  # and a client reconnects transparently
 
 
@@ -154,10 +156,6 @@ def test_a_client_pinging_too_often_is_sent_away(encoder):
         with grpc.insecure_channel(live.address, options=abusive) as channel:
             states = StateRecorder(channel)
             assert check(channel) == "SERVING"
-            wait_until(
-                lambda: states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE),
-                timeout=20,
-                what="GOAWAY for too many pings",
-            )
+            wait_for_goaway(states, "GOAWAY for too many pings")
         with BiFusionClient(live.address) as polite:  # the policy still lets a normal client in
             assert polite.health() == "SERVING"
