@@ -89,6 +89,18 @@ def test_token_guards_encoder_rpcs_but_not_health_or_reflection(encoder, tum_fol
     assert TOKEN not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "host, token, warned", [("0.0.0.0", None, True), ("0.0.0.0", TOKEN, False), ("127.0.0.1", None, False)]
+)
+def test_listening_beyond_loopback_without_a_token_is_warned_about(encoder, caplog, host, token, warned):
+    with (
+        caplog.at_level(logging.WARNING, logger="bifusion.server"),
+        running_server(encoder, host=host, token=token),
+    ):
+        pass
+    assert ("SECURITY: listening on 0.0.0.0 without a bearer token" in caplog.text) is warned
+
+
 def peak_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
