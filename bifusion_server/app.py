@@ -41,6 +41,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_NAMES = ("", SERVICE_NAME)  # overall and per service
 STOP_GRACE_SECONDS = 1.0
+RECEIVE_CEILING = 4  # gRPC reads messages up to this many times --max-message-bytes
 
 
 def server_version() -> str:
@@ -215,10 +216,13 @@ class BiFusionServer:
             *connection_options(config),
             ("grpc.max_send_message_length", limit),
             # The service refuses a message over the limit itself (INVALID_ARGUMENT naming the
-            # field, counted like any request). gRPC's own refusal would end a stream at once
-            # and lose the responses to the frames before it. The token is checked before any
-            # body is read (auth.py), so only an authorised client can send a large message.
-            ("grpc.max_receive_message_length", -1),
+            # field, counted like any request, after the stream responses before it). gRPC's own
+            # refusal ends a stream at once, losing those responses, and is never seen by the
+            # service, so it only guards memory: beyond RECEIVE_CEILING times the limit, where
+            # no client that means well sends anything. Encoder calls without the token are
+            # refused before their body is read (auth.py); health and reflection are open, and
+            # this ceiling bounds what a message to them can cost.
+            ("grpc.max_receive_message_length", RECEIVE_CEILING * limit),
             # A second server on a taken port must fail, not share it.
             ("grpc.so_reuseport", 0),
         ]

@@ -248,6 +248,17 @@ def test_message_over_twice_the_limit_is_refused_naming_the_field_and_counted(li
     assert health_status(live.address) == "SERVING"
 
 
+def test_message_over_four_times_the_limit_is_refused_by_grpc_unread(live):
+    unlimited = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(live.address, options=unlimited) as channel:
+        call = channel.unary_unary("/bifusion.v1.BiFusionEncoder/EncodeFrame")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as caught:
+            call(bytes(4 * LIMIT + 1), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.details()
+    assert health_status(live.address) == "SERVING"
+
+
 def test_an_oversize_message_in_a_stream_comes_after_the_responses_before_it(live, client, tum_folder_frames):
     good = request_from_folder_frame(tum_folder_frames[0], max_points=500)
     before = live.metric("bifusion_requests_total", rpc="EncodeStream", code="INVALID_ARGUMENT") or 0
