@@ -15,10 +15,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
-
-from bifusion import BiFusionEncoder, InputError
 from bifusion_wire import SERVICE_NAME
 from bifusion_wire.tensor import FieldError
+
+from bifusion import BiFusionEncoder, InputError
 
 from .access_log import AccessLog, CallRecord, current_call
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull

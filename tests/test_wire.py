@@ -10,10 +10,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from serving_harness import ROOT
-
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.tensor import FieldError, from_tensor, to_tensor
+from serving_harness import ROOT
 
 
 def load_generator():
