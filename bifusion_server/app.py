@@ -26,8 +26,10 @@ from grpc_reflection.v1alpha import reflection
 
 from bifusion import BiFusionEncoder
 
+from .access_log import AccessLog, CallRecord
 from .auth import BearerTokenInterceptor
 from .batcher import DynamicBatcher
+from .budget import Budget, BudgetLimits
 from .config import ServerConfig
 from .instances import (
     InProcessInstance,
@@ -48,6 +50,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_NAMES = ("", SERVICE_NAME)  # overall and per service
 STOP_GRACE_SECONDS = 1.0
+RECEIVE_CEILING = 4  # gRPC reads messages up to this many times --max-message-bytes
 
 
 def server_version() -> str:
@@ -88,16 +91,19 @@ class BiFusionServer:
         self._loading: asyncio.Task | None = None
         self._draining = False
         self._stopped = False
+        self._access_log = AccessLog() if config.access_log else None
 
     async def start(self) -> None:
         """Open the ports (health NOT_SERVING) and begin loading the model in the background."""
         config = self.config
         log.info("effective config: %s", json.dumps(config.redacted(), sort_keys=True))
         token = config.bearer_token()
+        warn_if_exposed(config, token)
         if config.metrics_port:
-            self._metrics_http = self.metrics.serve_http(config.host, config.metrics_port)
+            metrics_host = config.effective_metrics_host
+            self._metrics_http = self.metrics.serve_http(metrics_host, config.metrics_port)
             self.metrics_port = self._metrics_http.server_port
-            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, self.metrics_port)
         self._shared_memory = SharedMemoryRegistry() if config.allow_shared_memory else None
         self._service = EncoderService(
             self.metrics,
@@ -105,6 +111,8 @@ class BiFusionServer:
             config.max_message_bytes,
             stream_window=config.max_batch_size,
             shared_memory=self._shared_memory,
+            budget=Budget(budget_limits(config)),
+            access_log=self._access_log,
         )
         self._health = health.aio.HealthServicer()
         for name in HEALTH_NAMES:
@@ -266,12 +274,19 @@ class BiFusionServer:
         self.metrics.ready.set(1 if serving else 0)
 
     def _channel_options(self) -> list[tuple[str, int]]:
-        limit = self.config.max_message_bytes
+        config = self.config
+        limit = config.max_message_bytes
         return [
+            *connection_options(config),
             ("grpc.max_send_message_length", limit),
-            # Up to twice the limit is read so the service can say which field is too big
-            # (INVALID_ARGUMENT); beyond that gRPC refuses with RESOURCE_EXHAUSTED unread.
-            ("grpc.max_receive_message_length", 2 * limit),
+            # The service refuses a message over the limit itself (INVALID_ARGUMENT naming the
+            # field, counted like any request, after the stream responses before it). gRPC's own
+            # refusal ends a stream at once, losing those responses, and is never seen by the
+            # service, so it only guards memory: beyond RECEIVE_CEILING times the limit, where
+            # no client that means well sends anything. Encoder calls without the token are
+            # refused before their body is read (auth.py); health and reflection are open, and
+            # this ceiling bounds what a message to them can cost.
+            ("grpc.max_receive_message_length", RECEIVE_CEILING * limit),
             # A second server on a taken port must fail, not share it.
             ("grpc.so_reuseport", 0),
         ]
@@ -290,8 +305,69 @@ class BiFusionServer:
         )
         return self._grpc.add_secure_port(address, credentials)
 
-    def _count_rejected(self, rpc: str) -> None:
-        self.metrics.observe_request(rpc, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+    def _count_rejected(self, rpc: str, peer: str) -> None:
+        status = grpc.StatusCode.UNAUTHENTICATED.name
+        self.metrics.observe_request(rpc, status, 0.0)
+        if self._access_log is not None:
+            self._access_log.record(CallRecord(method=rpc, peer=peer, status=status))
+
+
+def budget_limits(config: ServerConfig) -> BudgetLimits:
+    return BudgetLimits(
+        request_pixels=config.max_request_pixels,
+        request_points=config.max_request_points,
+        queued_pixels=config.max_queued_pixels,
+        queued_points=config.max_queued_points,
+    )
+
+
+# Keepalive: the server pings a silent client every minute and drops it if no answer comes in
+# 20 s (dead peers do not hold connections); clients may ping at most every 30 s, also while
+# idle, and a client pinging faster is sent GOAWAY after two strikes.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC server options that bound what clients can hold: connections, streams, their time."""
+    options = [
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # With overload protection on, gRPC refuses (RST_STREAM, seen as UNAVAILABLE) calls that a
+        # well-behaved client opens as earlier ones finish, before their streams are freed: a
+        # client with more calls than the cap saw most of them fail. Off, calls over the cap wait
+        # for a free stream on the client, as HTTP/2 intends; the cap itself is still enforced.
+        ("grpc.http.overload_protection", 0),
+        *KEEPALIVE_OPTIONS,
+    ]
+    if config.connection_idle_seconds:
+        options.append(("grpc.max_connection_idle_ms", round(config.connection_idle_seconds * 1000)))
+    if config.connection_age_seconds:
+        options.append(("grpc.max_connection_age_ms", round(config.connection_age_seconds * 1000)))
+        options.append(
+            ("grpc.max_connection_age_grace_ms", round(config.connection_age_grace_seconds * 1000))
+        )
+    return options
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def warn_if_exposed(config: ServerConfig, token: str | None) -> None:
+    """A server reachable from other machines with no token lets anyone use the GPU."""
+    if token or config.host in LOOPBACK_HOSTS or config.host.startswith("127."):
+        return
+    log.warning(
+        "SECURITY: listening on %s without a bearer token: anyone who can reach port %d can use "
+        "the encoder. Set --token-file (or BIFUSION_TOKEN_FILE), or listen on 127.0.0.1.",
+        config.host,
+        config.port,
+    )
 
 
 def _device_type(config: ServerConfig) -> str:

@@ -14,7 +14,8 @@ BEARER = "bearer "
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls to ``bifusion.v1.BiFusionEncoder`` without ``authorization: Bearer <token>``."""
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
+    def __init__(self, token: str, on_reject: Callable[[str, str], None] | None = None):
+        """``on_reject(rpc, peer)`` is called for every call refused."""
         self._token = token.encode()
         self._prefix = f"/{SERVICE_NAME}/"
         self._on_reject = on_reject
@@ -27,9 +28,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         problem = self._problem(handler_call_details.invocation_metadata or ())
         if problem is None:
             return handler
-        if self._on_reject is not None:
-            self._on_reject(method.rsplit("/", 1)[-1])
-        return _rejecting(handler, problem)
+        return _rejecting(handler, problem, method.rsplit("/", 1)[-1], self._on_reject)
 
     def _problem(self, metadata) -> str | None:
         values = [value for key, value in metadata if key == "authorization"]
@@ -44,16 +43,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
+def _rejecting(
+    handler: grpc.RpcMethodHandler, problem: str, rpc: str, on_reject: Callable[[str, str], None] | None
+) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED without reading the request body.
 
-    async def deny(_request, context):
+    It is request-streaming whatever the method's shape (the wire is the same): gRPC reads a
+    unary request whole before calling its handler, while a streaming handler that never
+    iterates leaves the body unread, so a large anonymous request costs no memory.
+    """
+
+    async def deny(_requests, context):
+        if on_reject is not None:
+            on_reject(rpc, context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
-    shape = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return shape(deny, request_deserializer=handler.request_deserializer)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)

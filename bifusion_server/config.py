@@ -15,6 +15,7 @@ ENV_PREFIX = "BIFUSION_"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_INSTANCES = 16
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,23 @@ class ServerConfig:
     device: str = "auto"
     host: str = "0.0.0.0"
     port: int = 50051
+    metrics_host: str | None = None  # None: the same as host
     metrics_port: int = 9100  # 0 disables the metrics endpoint
     max_batch_size: int = 8
     max_batch_delay_ms: float = 5.0
     max_queue: int = 64
     max_message_bytes: int = 64 * MIB
+    # Admission budget (budget.py): decoded pixels and points per request and over all admitted.
+    max_request_pixels: int = 8 * MIB  # 8 Mpx: a 3840×2160 frame fits
+    max_request_points: int = 200_000
+    max_queued_pixels: int = 32 * MIB
+    max_queued_points: int = 4_000_000
+    # Connections (gRPC server options).
+    max_connections: int = 512
+    max_concurrent_streams: int = 64  # per connection; more wait for a free one
+    connection_idle_seconds: float = 300.0  # 0: idle connections are kept
+    connection_age_seconds: float = 3600.0  # 0: connections may live for ever
+    connection_age_grace_seconds: float = 300.0
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate it signed (mTLS)
@@ -39,6 +52,8 @@ class ServerConfig:
     drain_seconds: float = 30.0
     log_level: str = "INFO"
     allow_shared_memory: bool = False  # same-host clients may have outputs written to their /dev/shm
+    log_format: str = "text"
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,10 +62,26 @@ class ServerConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"--{_flag(name)} must be within 0..65535")
-        for name in ("max_batch_size", "max_queue"):
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_request_pixels",
+            "max_request_points",
+            "max_queued_pixels",
+            "max_queued_points",
+            "max_connections",
+            "max_concurrent_streams",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"--{_flag(name)} must be ≥ 1")
-        for name in ("max_batch_delay_ms", "warmup_frames", "drain_seconds"):
+        for name in (
+            "max_batch_delay_ms",
+            "warmup_frames",
+            "drain_seconds",
+            "connection_idle_seconds",
+            "connection_age_seconds",
+            "connection_age_grace_seconds",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be ≥ 0")
         count = self.instances.isascii() and self.instances.isdigit() and int(self.instances)
@@ -66,12 +97,22 @@ class ServerConfig:
             problems.append("give --token or --token-file, not both")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.max_queued_pixels < self.max_request_pixels:
+            problems.append("--max-queued-pixels must be at least --max-request-pixels")
+        if self.max_queued_points < self.max_request_points:
+            problems.append("--max-queued-points must be at least --max-request-points")
         if problems:
             raise ValueError("; ".join(problems))
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def effective_metrics_host(self) -> str:
+        return self.host if self.metrics_host is None else self.metrics_host
 
     def bearer_token(self) -> str | None:
         """The token clients must send, read from ``token_file`` when that is how it was given."""
@@ -111,11 +152,24 @@ HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "host": "address to listen on",
     "port": "gRPC port (0 picks a free one, logged at start)",
+    "metrics_host": "address the /metrics endpoint listens on (default: --host); 127.0.0.1 keeps it local",
     "metrics_port": "Prometheus /metrics port; 0 disables it",
     "max_batch_size": "most frames per model call",
     "max_batch_delay_ms": "longest wait for more frames once a batch has one",
     "max_queue": "most frames waiting for the model; beyond it requests get RESOURCE_EXHAUSTED",
     "max_message_bytes": "largest request or response message, bytes",
+    "max_request_pixels": "most decoded image pixels (width×height) one request may have; "
+    "beyond it INVALID_ARGUMENT",
+    "max_request_points": "most points one request may have the model process; beyond it INVALID_ARGUMENT",
+    "max_queued_pixels": "most decoded pixels of all requests admitted and not yet answered; "
+    "beyond it RESOURCE_EXHAUSTED",
+    "max_queued_points": "most points of all requests admitted and not yet answered; "
+    "beyond it RESOURCE_EXHAUSTED",
+    "max_connections": "most client connections at once; more are closed as they connect",
+    "max_concurrent_streams": "most calls at once on one connection; more wait (HTTP/2 flow control)",
+    "connection_idle_seconds": "close a connection with no call for this long (0: never)",
+    "connection_age_seconds": "ask clients to reconnect after this long, to rebalance (0: never)",
+    "connection_age_grace_seconds": "how long calls may run on a connection past its age",
     "tls_cert": "PEM server certificate (enables TLS)",
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
@@ -129,6 +183,8 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "allow_shared_memory": "let clients on this host register /dev/shm regions and have outputs written "
     "there (RegisterSharedMemory); off: those calls get FAILED_PRECONDITION",
+    "log_format": "text or json (one JSON object a line)",
+    "access_log": "one log line per RPC (logger bifusion.access)",
 }
 
 

@@ -19,10 +19,13 @@ from PIL import Image, UnidentifiedImageError
 
 from bifusion import EncodeOptions, Frame, Intrinsics, Limits
 
+from .budget import Cost
+
 MAX_FRAME_ID_CHARS = 256
 COLOR_FORMATS = {pb.ColorImage.PNG: "PNG", pb.ColorImage.JPEG: "JPEG"}
 COLOR_MODES = ("RGB", "RGBA", "L", "P", "LA")  # converted to RGB
 DEPTH_PNG_MODES = ("I;16", "I;16L", "I;16B", "I")
+IMAGE_SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
 
 
 @dataclass
@@ -50,6 +53,16 @@ def largest_field(request: pb.EncodeFrameRequest) -> tuple[str, int]:
     }
     name = max(sizes, key=sizes.get)
     return name, sizes[name]
+
+
+def request_cost(request: pb.EncodeFrameRequest, limits: Limits, default_max_points: int) -> Cost:
+    """What decoding and encoding the request will take, from its header alone."""
+    width, height = _image_size(request, limits)
+    if request.HasField("points"):
+        shape = request.points.shape
+        return Cost(width * height, max(shape[0], 0) if shape else 0, "points.shape")
+    points = min(request.options.max_points or default_max_points, width * height)
+    return Cost(width * height, points, "options.max_points")
 
 
 def decode_request(request: pb.EncodeFrameRequest, limits: Limits) -> DecodedRequest:
@@ -139,11 +152,13 @@ def _decode_depth(depth: pb.DepthImage, width: int, height: int) -> tuple[np.nda
 def _open_image(field: str, data: bytes, expected: str, width: int, height: int) -> Image.Image:
     """Read only the header: format and size are checked before decoding pixels."""
     try:
-        image = Image.open(io.BytesIO(data))
+        # Only the parser of the format the request names sees its bytes.
+        image = Image.open(io.BytesIO(data), formats=[expected])
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        actual = _sniff_format(data)
+        if actual not in (None, expected):
+            raise FieldError(f"{field}.encoding", f"says {expected} but the data is {actual}") from exc
         raise FieldError(field, f"corrupt {expected}: not a readable image ({exc})") from exc
-    if image.format != expected:
-        raise FieldError(f"{field}.encoding", f"says {expected} but the data is {image.format}")
     if image.size != (width, height):
         # The colour image defines the frame, so a mismatch there is blamed on the declared
         # size; depth must be registered to colour, so a mismatch there is the depth's.
@@ -153,6 +168,11 @@ def _open_image(field: str, data: bytes, expected: str, width: int, height: int)
             f"the {field} image is {image.size[0]}×{image.size[1]} but intrinsics say {width}×{height}",
         )
     return image
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The proto's image format that ``data`` starts like, if any (for a clearer error)."""
+    return next((name for name, magic in IMAGE_SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _pixels(field: str, image: Image.Image, mode: str | None) -> np.ndarray:

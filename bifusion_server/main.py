@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import ServerConfig, load_config
+from .log_format import configure_logging
 
 log = logging.getLogger("bifusion.server")
 
@@ -45,7 +46,5 @@ async def run(config: ServerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(argv)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(config.log_level, config.log_format)
     sys.exit(asyncio.run(run(config)))

@@ -22,8 +22,10 @@ from google.protobuf.message import DecodeError
 
 from bifusion import BiFusionEncoder, InputError
 
+from .access_log import AccessLog, CallRecord, current_call
 from .batcher import Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull, deadline_passed
-from .decode import DecodedRequest, decode_request, largest_field, parse_request
+from .budget import Budget, BudgetFull, Cost
+from .decode import DecodedRequest, decode_request, largest_field, parse_request, request_cost
 from .failures import InstanceLost, ModelFailed
 from .metrics import ServerMetrics
 from .respond import (
@@ -65,7 +67,9 @@ class ServiceError(Exception):
             if self.frame_id
             else f"frame #{index} in the stream"
         )
-        return ServiceError(self.code, f"{where}: {self.message}", self.field)
+        error = ServiceError(self.code, f"{where}: {self.message}", self.field)
+        error.frame_id = self.frame_id
+        return error
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((FIELD_METADATA_KEY, self.field),) if self.field else ()
@@ -77,6 +81,7 @@ class Prepared:
 
     decoded: DecodedRequest
     decode_seconds: float
+    cost: Cost  # held in the budget until the response is serialised
     lease: Lease | None = None  # the shared-memory range the outputs go to
 
 
@@ -96,9 +101,13 @@ class EncoderService:
         io_executor: Executor,
         max_message_bytes: int,
         stream_window: int,
+        budget: Budget,
+        access_log: AccessLog | None = None,
         shared_memory: SharedMemoryRegistry | None = None,
     ):
         self._metrics = metrics
+        self._budget = budget
+        self._access_log = access_log
         self._shared = shared_memory  # None: --allow-shared-memory is off
         self._io = io_executor
         self._max_message_bytes = max_message_bytes
@@ -219,13 +228,10 @@ class EncoderService:
     async def _process(self, model: Attached, request: bytes, deadline: float | None) -> bytes:
         """One frame: decode and check it, have it encoded in a batch, serialise the response."""
         self._metrics.request_bytes.observe(len(request))
-        decoding = asyncio.get_running_loop().run_in_executor(self._io, self._decode, model.encoder, request)
-        try:
-            prepared = await asyncio.shield(decoding)
-        except asyncio.CancelledError:
-            # The decode thread runs on; a shared-memory range it holds must not stay held.
-            decoding.add_done_callback(_release_lease)
-            raise
+        call = current_call.get()
+        call.add_request(len(request))
+        prepared = await self._prepare(model.encoder, request)
+        call.frame_id = prepared.decoded.frame.frame_id
         try:
             encoded = await self._compute(model, prepared, deadline)
             response = await self._in_pool(self._serialise, model, prepared, encoded)
@@ -233,36 +239,67 @@ class EncoderService:
             error.frame_id = prepared.decoded.frame.frame_id
             raise
         finally:
-            if prepared.lease is not None:
-                prepared.lease.release()
+            self._release(prepared)
         self._metrics.response_bytes.observe(len(response))
+        call.response_bytes += len(response)
         return response
 
+    async def _prepare(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
+        """``_decode`` in the pool; a call cancelled meanwhile still gives its budget back."""
+        decoding = asyncio.get_running_loop().run_in_executor(self._io, self._decode, encoder, data)
+        try:
+            return await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            decoding.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, decoding: asyncio.Future) -> None:
+        if not decoding.cancelled() and decoding.exception() is None:
+            self._release(decoding.result())
+
+    def _release(self, prepared: Prepared) -> None:
+        """Gives back what an admitted request holds: its budget share and shared-memory range."""
+        self._budget.release(prepared.cost)
+        if prepared.lease is not None:
+            prepared.lease.release()
+
     def _decode(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
+        """Parse, admit into the budget (from the header alone), decode and validate."""
         started = time.perf_counter()
         request = None
         try:
             request = parse_request(data)
             if len(data) > self._max_message_bytes:
+                # Parsed only to name the bulkiest field: nothing of it is decoded.
                 field, size = largest_field(request)
                 raise FieldError(
                     field,
                     f"the request is {len(data)} bytes, over the server's limit of {self._max_message_bytes} "
                     f"(this field holds {size}); send PNG instead of raw, or smaller images",
                 )
-            decoded = decode_request(request, encoder.limits)
-            encoder.validate(decoded.frame, decoded.options)
-            lease = self._check_response_size(encoder, decoded)
-        except (FieldError, InputError) as error:
+            cost = request_cost(request, encoder.limits, encoder.config.max_points)
+            self._budget.admit(cost)
+            try:
+                decoded = decode_request(request, encoder.limits)
+                encoder.validate(decoded.frame, decoded.options)
+                lease = self._check_response_size(encoder, decoded)
+            except BaseException:
+                self._budget.release(cost)
+                raise
+        except (FieldError, InputError) as error:  # OverRequestBudget is a FieldError
             failure = ServiceError.invalid(error)
             failure.frame_id = request.frame_id if request is not None else None
             raise failure from None
+        except BudgetFull as full:
+            failure = ServiceError(Code.RESOURCE_EXHAUSTED, str(full))
+            failure.frame_id = request.frame_id
+            raise failure from None
         except ServiceError as error:
-            error.frame_id = request.frame_id
+            error.frame_id = request.frame_id if request is not None else None
             raise
         seconds = time.perf_counter() - started
         self._metrics.decode_duration.observe(seconds)
-        return Prepared(decoded, seconds, lease)
+        return Prepared(decoded, seconds, cost, lease)
 
     def _check_response_size(self, encoder: BiFusionEncoder, decoded: DecodedRequest) -> Lease | None:
         """Checks the outputs fit in a message, or holds the shared-memory range they go to."""
@@ -339,11 +376,14 @@ class EncoderService:
         started = time.perf_counter()
         deadline = _deadline(context)
         code = Code.OK
+        call = CallRecord(method=rpc, peer=context.peer())
+        current_call.set(call)  # this task's context: the call's own
         self._enter()
         try:
             return await work()
         except ServiceError as error:
             code = error.code
+            call.frame_id = error.frame_id or call.frame_id
             await context.abort(error.code, error.message, error.trailing_metadata())
         except asyncio.CancelledError:
             code = Code.DEADLINE_EXCEEDED if deadline_passed(deadline) else Code.CANCELLED
@@ -354,7 +394,11 @@ class EncoderService:
             await context.abort(Code.INTERNAL, "internal server error (details in the server log)")
         finally:
             self._leave()
-            self._metrics.observe_request(rpc, code.name, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._metrics.observe_request(rpc, code.name, seconds)
+            if self._access_log is not None:
+                call.status, call.latency_ms = code.name, seconds * 1000.0
+                self._access_log.record(call)
 
     def _enter(self) -> None:
         self._inflight += 1
@@ -366,11 +410,6 @@ class EncoderService:
         self._metrics.inflight.set(self._inflight)
         if self._inflight == 0:
             self._idle.set()
-
-
-def _release_lease(decoding: asyncio.Future) -> None:
-    if not decoding.cancelled() and decoding.exception() is None and decoding.result().lease is not None:
-        decoding.result().lease.release()
 
 
 def _parse(message_type, data: bytes):
@@ -397,6 +436,11 @@ def _model_failure(failure: ModelFailed) -> ServiceError:
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def _ignore_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _END = object()  # the client half-closed the stream
@@ -456,6 +500,7 @@ class _OrderedStream:
 
     async def _read(self, requests) -> None:
         drained = asyncio.ensure_future(self._draining.wait())
+        receive = None
         try:
             while True:
                 await self._slots.acquire()
@@ -475,3 +520,7 @@ class _OrderedStream:
             self._pending.put_nowait(exc)
         finally:
             drained.cancel()
+            if receive is not None:
+                # A read still pending when the stream ends is dropped, its outcome unread.
+                receive.cancel()
+                receive.add_done_callback(_ignore_outcome)

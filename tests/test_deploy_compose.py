@@ -20,19 +20,28 @@ from bifusion_server.config import ServerConfig, env_name
 SCHEMA = json.loads((DATA / "compose-spec.json").read_text())
 
 
-def compose_config(*files: str, env: dict[str, str] | None = None) -> dict:
-    """The merged, interpolated model of ``files`` as Docker Compose itself computes it."""
+GRAFANA_PASSWORD = "a-password-for-the-test"
+
+
+def run_compose_config(*files: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     args = [tool("docker-compose"), "--project-directory", str(DOCKER)]
     for name in files:
         args += ["-f", str(DOCKER / name)]
-    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("BIFUSION_", "COMPOSE_"))}
-    result = subprocess.run(
+    own = ("BIFUSION_", "COMPOSE_", "GRAFANA_", "PROMETHEUS_", "ENVOY_")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+    return subprocess.run(
         [*args, "config", "--format", "json"],
-        env={**clean_env, **(env or {})},
+        env={**clean_env, **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def compose_config(*files: str, env: dict[str, str] | None = None) -> dict:
+    """The merged, interpolated model of ``files`` as Docker Compose itself computes it
+    (with the Grafana password that docker/.env must provide)."""
+    result = run_compose_config(*files, env={"GRAFANA_ADMIN_PASSWORD": GRAFANA_PASSWORD, **(env or {})})
     assert result.returncode == 0, f"docker-compose config {files} failed:\n{result.stderr}"
     return json.loads(result.stdout)
 
@@ -85,6 +94,7 @@ def test_gpu_encoder_service():
     assert enc["build"]["args"]["VARIANT"] == "cuda"
     assert enc["build"]["dockerfile"] == "docker/Dockerfile"
     assert {(p["target"], p["published"]) for p in enc["ports"]} == {(50051, "50051"), (9100, "9100")}
+    assert enc["environment"]["BIFUSION_TOKEN"] is None  # unset unless docker/.env sets it
     models = next(v for v in enc["volumes"] if v["target"] == "/models")
     assert models["type"] == "bind" and models["read_only"] is True
     assert enc["healthcheck"]["test"] == ["CMD", "bifusion-healthcheck"]
@@ -122,6 +132,47 @@ def test_multi_gpu_override_pins_one_gpu_per_replica_behind_envoy():
     envoy = services["envoy"]
     assert any(v["source"].endswith("envoy/envoy.yaml") for v in envoy["volumes"])
     assert 8080 in {p["target"] for p in envoy["ports"]}
+
+
+COMBINATIONS = [
+    ("compose.yaml",),
+    ("compose.yaml", "compose.cpu.yaml"),
+    ("compose.yaml", "compose.multi-gpu.yaml"),
+]
+
+
+def published(services: dict) -> dict[str, set[str]]:
+    """service -> the host addresses its ports are published on."""
+    return {name: {p["host_ip"] for p in s["ports"]} for name, s in services.items() if s.get("ports")}
+
+
+@pytest.mark.parametrize("files", COMBINATIONS)
+def test_every_port_is_published_on_loopback_by_default(files):
+    ports = published(compose_config(*files)["services"])
+    assert {"encoder", "prometheus", "grafana"} <= set(ports) or "envoy" in ports
+    assert all(hosts == {"127.0.0.1"} for hosts in ports.values()), ports
+
+
+@pytest.mark.parametrize("files", COMBINATIONS)
+def test_bifusion_bind_opens_every_port(files):
+    ports = published(compose_config(*files, env={"BIFUSION_BIND": "0.0.0.0"})["services"])
+    # Envoy's admin page stays on loopback whatever BIFUSION_BIND says.
+    opened = {name: hosts - {"127.0.0.1"} if name == "envoy" else hosts for name, hosts in ports.items()}
+    assert all(hosts == {"0.0.0.0"} for hosts in opened.values()), ports
+
+
+def test_grafana_has_no_default_password():
+    result = run_compose_config("compose.yaml", env={})
+    assert result.returncode != 0
+    assert "set GRAFANA_ADMIN_PASSWORD in docker/.env" in result.stderr
+    grafana = compose_config("compose.yaml")["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == GRAFANA_PASSWORD
+
+
+def test_prometheus_lifecycle_api_is_off():
+    prometheus = compose_config("compose.yaml")["services"]["prometheus"]
+    assert not any("enable-lifecycle" in arg for arg in prometheus["command"])
+    assert not any("enable-admin-api" in arg for arg in prometheus["command"])
 
 
 def test_environment_names_are_real_server_settings():

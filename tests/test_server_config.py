@@ -42,6 +42,28 @@ def test_instances_from_flag_or_environment_and_auto_per_device():
     assert resolve_instances("3", "cpu") == 3
 
 
+def test_hardening_settings_from_the_environment():
+    env = {
+        "BIFUSION_MAX_REQUEST_PIXELS": "307200",
+        "BIFUSION_MAX_QUEUED_POINTS": "500000",
+        "BIFUSION_MAX_CONNECTIONS": "16",
+        "BIFUSION_CONNECTION_IDLE_SECONDS": "60",
+        "BIFUSION_LOG_FORMAT": "json",
+        "BIFUSION_ACCESS_LOG": "false",
+        "BIFUSION_METRICS_HOST": "127.0.0.1",
+    }
+    config = load_config([], env=env)
+    assert (config.max_request_pixels, config.max_queued_points, config.max_connections) == (
+        307200,
+        500000,
+        16,
+    )
+    assert config.connection_idle_seconds == 60.0 and config.log_format == "json"
+    assert config.access_log is False
+    assert (config.host, config.effective_metrics_host) == ("0.0.0.0", "127.0.0.1")
+    assert load_config([], env={}).effective_metrics_host == "0.0.0.0"  # default: the gRPC host
+
+
 def test_empty_environment_values_are_ignored():
     assert load_config([], env={"BIFUSION_PORT": ""}).port == 50051
 
@@ -61,6 +83,10 @@ def test_empty_environment_values_are_ignored():
         (["--instances", "0"], {}, "--instances must be auto or 1..16, not '0'"),
         ([], {"BIFUSION_INSTANCES": "two"}, "--instances must be auto or 1..16, not 'two'"),
         (["--instances", "17"], {}, "--instances must be auto or 1..16"),
+        (["--log-format", "xml"], {}, "--log-format must be one of text, json"),
+        (["--max-concurrent-streams", "0"], {}, "--max-concurrent-streams must be ≥ 1"),
+        (["--connection-idle-seconds", "-1"], {}, "--connection-idle-seconds must be ≥ 0"),
+        (["--max-request-pixels", "100", "--max-queued-pixels", "50"], {}, "at least --max-request-pixels"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message(argv, env, words, capsys):

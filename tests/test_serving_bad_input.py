@@ -13,7 +13,7 @@ from bifusion_client.api import BiFusionClient, error_field
 from bifusion_client.request import build_request, request_from_folder_frame
 from bifusion_wire import encoder_pb2 as pb
 from PIL import Image
-from serving_harness import health_status, running_server
+from serving_harness import health_status, running_server, wait_until
 
 MIB = 1024 * 1024
 LIMIT = 4 * MIB  # the server's --max-message-bytes here
@@ -132,6 +132,7 @@ CASES = {
     ),
     "points of dtype float64": (None, "points.dtype", "float32"),
     "points of shape N×4": (None, "points", "N×3"),
+    "points of 65 dimensions": (None, "points.shape", "65 dimensions"),
     "NaN intrinsics": (lambda r, f: setattr(r.intrinsics, "fx", math.nan), "intrinsics.fx", "finite"),
     "negative focal length": (lambda r, f: setattr(r.intrinsics, "fy", -525.0), "intrinsics.fy", "positive"),
     "non-rigid pose": (lambda r, f: scaled_pose(r), "cam_to_world", "orthonormal"),
@@ -184,6 +185,8 @@ def bad_request(name: str, frame) -> pb.EncodeFrameRequest:
     if name == "points of shape N×4":
         array = np.ones((10, 4), np.float32)
         return points_request(frame, pb.Tensor(dtype="float32", shape=[10, 4], data=array.tobytes()))
+    if name == "points of 65 dimensions":
+        return points_request(frame, pb.Tensor(dtype="float32", shape=[1] * 65, data=bytes(4)))
     if name == "oversize message":
         return big_raw_frame(frame)
     request = request_from_folder_frame(frame, max_points=500, color_format="raw", depth_format="raw")
@@ -230,13 +233,48 @@ def test_unparseable_request_bytes(live):
     assert caught.value.details().startswith("request: not a valid bifusion.v1.EncodeFrameRequest")
 
 
-def test_message_over_twice_the_limit_is_refused_by_grpc_unread(live, client):
-    color = np.zeros((1600, 2000, 3), np.uint8)  # 9.6 MB raw: over twice the 4 MiB limit
-    request = build_request(color, None, (500, 500, 999.5, 799.5), points=np.ones((1, 3)), color_format="raw")
-    with pytest.raises(grpc.RpcError) as caught:
-        client.encode_request(request, timeout=30)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+def huge_raw_frame():
+    """9.6 MB of raw colour: over twice the 4 MiB limit."""
+    color = np.zeros((1600, 2000, 3), np.uint8)
+    return build_request(color, None, (500, 500, 999.5, 799.5), points=np.ones((1, 3)), color_format="raw")
+
+
+def test_message_over_twice_the_limit_is_refused_naming_the_field_and_counted(live, client):
+    refused_before = live.metric("bifusion_requests_total", rpc="EncodeFrame", code="INVALID_ARGUMENT") or 0
+    expect_invalid(client, huge_raw_frame(), "color.data", "over the server's limit of 4194304")
+    # The call is counted as its handler ends, just after the status is sent.
+    wait_until(
+        lambda: live.metric("bifusion_requests_total", rpc="EncodeFrame", code="INVALID_ARGUMENT")
+        == refused_before + 1,
+        timeout=10,
+        what="the refusal to be counted",
+    )
     assert health_status(live.address) == "SERVING"
+
+
+def test_message_over_four_times_the_limit_is_refused_by_grpc_unread(live):
+    unlimited = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(live.address, options=unlimited) as channel:
+        call = channel.unary_unary("/bifusion.v1.BiFusionEncoder/EncodeFrame")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as caught:
+            call(bytes(4 * LIMIT + 1), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.details()
+    assert health_status(live.address) == "SERVING"
+
+
+def test_an_oversize_message_in_a_stream_comes_after_the_responses_before_it(live, client, tum_folder_frames):
+    good = request_from_folder_frame(tum_folder_frames[0], max_points=500)
+    before = live.metric("bifusion_requests_total", rpc="EncodeStream", code="INVALID_ARGUMENT") or 0
+    received = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for result in client.encode_stream([good, huge_raw_frame()], timeout=60):
+            received.append(result.frame_id)
+    assert received == [good.frame_id]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "#1 in the stream: color.data: the request is" in caught.value.details()
+    after = live.metric("bifusion_requests_total", rpc="EncodeStream", code="INVALID_ARGUMENT")
+    assert after == before + 1
 
 
 def test_a_bad_frame_ends_a_stream_after_the_good_ones_before_it(live, client, tum_folder_frames):

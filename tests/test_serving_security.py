@@ -13,7 +13,7 @@ from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
 from bifusion_wire import SERVICE_NAME
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from serving_harness import ROOT, health_status, running_server
+from serving_harness import ROOT, health_status, running_server, server_process
 
 TOKEN = "s3cret-T0ken"
 
@@ -86,6 +86,43 @@ def test_token_guards_encoder_rpcs_but_not_health_or_reflection(encoder, tum_fol
     logged = json.loads(config_lines[-1].removeprefix("effective config: "))
     assert logged["token"] == "<set>" and logged["max_batch_size"] == 8
     assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "host, token, warned", [("0.0.0.0", None, True), ("0.0.0.0", TOKEN, False), ("127.0.0.1", None, False)]
+)
+def test_listening_beyond_loopback_without_a_token_is_warned_about(encoder, caplog, host, token, warned):
+    with (
+        caplog.at_level(logging.WARNING, logger="bifusion.server"),
+        running_server(encoder, host=host, token=token),
+    ):
+        pass
+    assert ("SECURITY: listening on 0.0.0.0 without a bearer token" in caplog.text) is warned
+
+
+def peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_an_anonymous_large_request_is_refused_before_its_body_is_read():
+    """Four anonymous 100 MiB requests: refused from their metadata, the server's peak memory
+    does not grow by their size (before the check moved ahead of the body: about +570 MB)."""
+    body = bytes(100 * 1024 * 1024)
+    flags = ("--token", TOKEN, "--warmup-frames", "0", "--max-message-bytes", str(128 << 20))
+    with server_process(*flags) as live:
+        peak_before = peak_rss_bytes(live.process.pid)
+        with grpc.insecure_channel(live.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+            call = channel.unary_unary(f"/{SERVICE_NAME}/EncodeFrame")  # bytes in, bytes out
+            futures = [call.future(body, timeout=60) for _ in range(4)]
+            for future in futures:
+                assert future.exception().code() == grpc.StatusCode.UNAUTHENTICATED
+        growth = peak_rss_bytes(live.process.pid) - peak_before
+        assert growth < 64 * 1024 * 1024, f"peak memory grew by {growth / 2**20:.0f} MiB"
+        assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAUTHENTICATED") == 4
 
 
 def test_token_from_a_file(encoder, tum_folder_frames, tmp_path):

@@ -75,6 +75,12 @@ def test_from_tensor_is_a_view_of_the_bytes():
         ),
         (pb.Tensor(dtype="complex64", shape=[1], data=bytes(8)), "p.dtype", "must be one of"),
         (pb.Tensor(dtype="float32", shape=[-1, 3], data=b""), "p.shape", "≥ 0"),
+        # numpy takes at most 64 dimensions: the header is refused before numpy sees it.
+        (pb.Tensor(dtype="float32", shape=[1] * 65, data=bytes(4)), "p.shape", "65 dimensions"),
+        (pb.Tensor(dtype="float32", shape=[1] * 9, data=bytes(4)), "p.shape", "more than the 8 allowed"),
+        # Dimensions whose product overflows 64 bits are compared with the byte count exactly.
+        (pb.Tensor(dtype="float32", shape=[2**62, 2**62, 3], data=bytes(12)), "p.data", "truncated"),
+        (pb.Tensor(dtype="uint8", shape=[2**63 - 1, 0], data=b"x"), "p.data", "too long"),
     ],
 )
 def test_malformed_tensors_name_their_field(tensor, field, words):

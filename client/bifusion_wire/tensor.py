@@ -46,6 +46,11 @@ def shared_output_bytes(num_points: int, feature_dim: int, output_dtype: str, wo
     return num_points * point_bytes(feature_dim, output_dtype, world) + MAX_OUTPUT_TENSORS * OUTPUT_ALIGNMENT
 
 
+# No tensor of the protocol has more than 2 dimensions; a few more are allowed for other uses,
+# far below numpy's own limit of 64.
+MAX_RANK = 8
+
+
 class FieldError(ValueError):
     """A request or response field is malformed; ``field`` is its proto path (e.g. ``depth.data``)."""
 
@@ -75,14 +80,22 @@ def from_tensor(tensor: Tensor, field: str, dtypes: tuple[str, ...] | None = Non
     if tensor.dtype not in DTYPES or (dtypes is not None and tensor.dtype not in dtypes):
         allowed = ", ".join(dtypes or sorted(DTYPES))
         raise FieldError(f"{field}.dtype", f"must be one of {allowed}, got {tensor.dtype!r}")
+    dtype = DTYPES[tensor.dtype]
+    shape = _checked_shape(tensor, field)
+    # Python integers: the product cannot overflow, whatever the declared dimensions.
+    data = tensor.data if data is None else data
+    check_byte_count(f"{field}.data", math.prod(shape) * dtype.itemsize, len(data))
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _checked_shape(tensor: Tensor, field: str) -> tuple[int, ...]:
+    """The header's shape, checked so that numpy only ever sees a shape it can take."""
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise FieldError(f"{field}.shape", f"{len(shape)} dimensions, more than the {MAX_RANK} allowed")
     if any(n < 0 for n in shape):
         raise FieldError(f"{field}.shape", f"dimensions must be ≥ 0, got {list(shape)}")
-    dtype = DTYPES[tensor.dtype]
-    expected = math.prod(shape) * dtype.itemsize
-    data = tensor.data if data is None else data
-    check_byte_count(f"{field}.data", expected, len(data))
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return shape
 
 
 def check_byte_count(field: str, expected: int, got: int) -> None:
