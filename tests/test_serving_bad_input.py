@@ -244,8 +244,10 @@ def test_message_over_twice_the_limit_is_refused_naming_the_field_and_counted(li
     expect_invalid(client, huge_raw_frame(), "color.data", "over the server's limit of 4194304")
     # The call is counted as its handler ends, just after the status is sent.
     wait_until(
-        lambda: live.metric("bifusion_requests_total", rpc="EncodeFrame", code="INVALID_ARGUMENT")
-        == refused_before + 1,
+        lambda: (
+            live.metric("bifusion_requests_total", rpc="EncodeFrame", code="INVALID_ARGUMENT")
+            == refused_before + 1
+        ),
         timeout=10,
         what="the refusal to be counted",
     )
