@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, load_into
 from .config import ModelConfig
 from .demo import default_checkpoint_path
 from .model import BiFusionModel
+from .threads import configure_threads
 from .types import EncodeOptions, Frame, FrameResult, FrameStats, Limits
 from .validation import validate_frame
 
@@ -74,7 +75,11 @@ class BiFusionEncoder:
         device: str | torch.device = "auto",
         amp: bool = False,
         limits: Limits | None = None,
+        threads: int | None = None,
     ):
+        # Thread pools sized here, process-wide, so speed does not depend on which thread
+        # builds or runs the encoder (threads: None = $BIFUSION_THREADS, else the CPU budget).
+        self.thread_settings = configure_threads(threads)
         self.device = resolve_device(device)
         path = Path(checkpoint) if checkpoint else default_checkpoint_path()
         ckpt = load_checkpoint(path)
