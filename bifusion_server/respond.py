@@ -35,6 +35,17 @@ def build_response(
     decode_ms: float,
     batch_size: int,
 ) -> bytes:
+    return response_message(result, float16, model, queue_ms, decode_ms, batch_size).SerializeToString()
+
+
+def response_message(
+    result: FrameResult,
+    float16: bool,
+    model: str,
+    queue_ms: float,
+    decode_ms: float,
+    batch_size: int,
+) -> pb.EncodeFrameResponse:
     response = pb.EncodeFrameResponse(frame_id=result.frame_id, model_id=model)
     to_tensor(result.features.astype(np.float16) if float16 else result.features, response.features)
     to_tensor(result.alpha, response.alpha)
@@ -50,7 +61,7 @@ def build_response(
     stats.queue_ms = queue_ms
     stats.decode_ms = decode_ms
     stats.batch_size = batch_size
-    return response.SerializeToString()
+    return response
 
 
 def model_info_message(
