@@ -18,7 +18,7 @@ from .checkpoint import load_checkpoint, load_into
 from .config import ModelConfig
 from .demo import default_checkpoint_path
 from .model import BiFusionModel
-from .threads import configure_threads
+from .threads import configure_threads, hold_on_this_thread
 from .types import EncodeOptions, Frame, FrameResult, FrameStats, Limits
 from .validation import validate_frame
 
@@ -120,6 +120,7 @@ class BiFusionEncoder:
     ) -> list[FrameResult]:
         if not frames:
             return []
+        hold_on_this_thread(self.thread_settings)  # this thread may predate the settings
         if options is None or isinstance(options, EncodeOptions):
             options = [options or EncodeOptions()] * len(frames)
         if len(options) != len(frames):

@@ -16,6 +16,7 @@ model instances in separate processes gives each its share).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -33,7 +34,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # not take cores from OpenBLAS's threads (or another process's) between parallel regions.
 OPENMP_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-_started_after_torch: bool | None = None  # None until prepare_environment() ran
+# OMP_WAIT_POLICY as the OpenMP runtime read it when it started ("" for unset); None until
+# prepare_environment() ran.
+_policy_at_start: str | None = None
 
 
 def _cgroup_quota(quota: str, period: str) -> int | None:
@@ -118,13 +121,58 @@ def requested_threads() -> int | None:
 def prepare_environment() -> None:
     """Environment the OpenMP and OpenBLAS runtimes read once, at load: call before torch and
     MinkowskiEngine are imported (``import bifusion`` does)."""
-    global _started_after_torch
-    if _started_after_torch is not None:
+    global _policy_at_start
+    if _policy_at_start is not None:
         return
-    _started_after_torch = "torch" in sys.modules
-    threads = str(requested_threads() or cpu_budget())
-    for name, value in {**OPENMP_ENV_DEFAULTS, "OMP_NUM_THREADS": threads}.items():
+    torch_loaded = "torch" in sys.modules  # then its OpenMP runtime has read the environment
+    before = os.environ.get("OMP_WAIT_POLICY", "")
+    for name, value in OPENMP_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # Pool sizes at load: $BIFUSION_THREADS wins over values inherited from a parent process
+    # (a server starting one process per model instance); else keep what the user set.
+    requested = requested_threads()
+    threads = str(requested or cpu_budget())
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if requested is not None:
+            os.environ[name] = threads
+        else:
+            os.environ.setdefault(name, threads)
+    _policy_at_start = before if torch_loaded else os.environ.get("OMP_WAIT_POLICY", "")
+
+
+def _openblas_function(library: ctypes.CDLL, name: str):
+    """``name`` in an OpenBLAS build, also one with symbol affixes (scipy's ``scipy_..64_``)."""
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_"):
+            function = getattr(library, f"{prefix}{name}{suffix}", None)
+            if function is not None:
+                return function
+    return None
+
+
+def set_openblas_threads(threads: int) -> dict[str, int]:
+    """Size every OpenBLAS loaded in the process (MinkowskiEngine's, numpy's); returns each
+    library's thread count after.
+
+    Through ``openblas_set_num_threads`` itself: its pool is process-wide and the call works
+    from any thread. (threadpoolctl >= 3.6 finds the libraries, but its limits there take
+    effect only on the first thread that ever set them, and silently do nothing elsewhere,
+    e.g. on a server's model thread.) An OpenBLAS built on OpenMP follows torch's count.
+    """
+    from threadpoolctl import threadpool_info
+
+    counts = {}
+    for info in threadpool_info():
+        if info["internal_api"] != "openblas":
+            continue
+        library = ctypes.CDLL(info["filepath"])  # already loaded: the same handle
+        if info.get("threading_layer") != "openmp":
+            setter = _openblas_function(library, "openblas_set_num_threads")
+            if setter is not None:
+                setter(threads)
+        getter = _openblas_function(library, "openblas_get_num_threads")
+        counts[info["filepath"]] = getter() if getter is not None else info["num_threads"]
+    return counts
 
 
 @dataclass(frozen=True)
@@ -135,8 +183,8 @@ class ThreadSettings:
     source: str  # "argument", BIFUSION_THREADS or "cpu budget"
     torch_threads: int
     blas_threads: dict[str, int]  # BLAS library file -> its thread count
-    omp_wait_policy: str | None
-    openmp_passive: bool  # False when torch was imported before bifusion set the policy
+    omp_wait_policy: str | None  # as the OpenMP runtime read it
+    openmp_passive: bool  # False when torch loaded before bifusion could set the policy
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -147,7 +195,6 @@ def configure_threads(num_threads: int | None = None) -> ThreadSettings:
     else ``$BIFUSION_THREADS``, else :func:`cpu_budget`. Process-wide: the settings hold
     whichever thread later runs the encoder. Idempotent; cheap enough to call per encoder."""
     import torch
-    from threadpoolctl import threadpool_info, threadpool_limits
 
     prepare_environment()
     if num_threads is not None:
@@ -159,21 +206,31 @@ def configure_threads(num_threads: int | None = None) -> ThreadSettings:
     else:
         threads, source = cpu_budget(), "cpu budget"
 
-    # Intra-op threads: ATen's global count, applied to each new calling thread's OpenMP
-    # team and to MKL.
+    # Intra-op threads: this thread's OpenMP team, MKL, and the count every thread started
+    # from now on takes (older threads: hold_on_this_thread).
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    # OpenBLAS (MinkowskiEngine's and numpy's): one global pool each, whichever thread calls.
-    threadpool_limits(limits=threads, user_api="blas")
-    blas_threads = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    blas_threads = set_openblas_threads(threads)
 
-    policy = os.environ.get("OMP_WAIT_POLICY")
-    passive = (policy or "").upper() == "PASSIVE" and not _started_after_torch
+    policy = _policy_at_start or None
+    passive = (policy or "").upper() == "PASSIVE"
     if not passive:
         log.warning(
-            "OpenMP's idle threads may spin against OpenBLAS's (OMP_WAIT_POLICY=%s%s): set "
-            "OMP_WAIT_POLICY=PASSIVE in the environment or import bifusion before torch",
-            policy,
-            ", torch was imported first" if _started_after_torch else "",
+            "OpenMP's idle threads may spin against OpenBLAS's (OMP_WAIT_POLICY was %s when "
+            "torch loaded): set OMP_WAIT_POLICY=PASSIVE in the environment or import bifusion "
+            "before torch",
+            policy or "unset",
         )
     return ThreadSettings(threads, source, torch.get_num_threads(), blas_threads, policy, passive)
+
+
+def hold_on_this_thread(settings: ThreadSettings) -> None:
+    """Re-apply the intra-op thread count on the calling thread if it differs.
+
+    torch keeps an OpenMP thread count per thread, fixed when that thread first ran a torch
+    op (or called ``torch.set_num_threads``): a thread that predates :func:`configure_threads`
+    keeps its old count (every core of the machine, say). Costs a lookup per call."""
+    import torch
+
+    if torch.get_num_threads() != settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
