@@ -86,6 +86,7 @@ def main() -> None:
         "benchmark": "encoder",
         "machine": describe(str(encoder.device)),
         "amp": encoder.amp,
+        "thread_settings": encoder.thread_settings.as_dict(),
         "demo_weights": encoder.info.demo_weights,
         "repeats": args.repeats,
         "data": str(args.data),

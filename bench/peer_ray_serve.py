@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import json
 import os
 import socket
 import statistics
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.encoder import DEFAULT_DATA  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.report import emit  # noqa: E402
 from bench.serve import ServerChild  # noqa: E402
 from bench.threads import rotated  # noqa: E402
 from bifusion_client.api import BiFusionClient  # noqa: E402
@@ -254,11 +254,7 @@ def main() -> None:
     # Ray's driver prints its workers' notices to stdout: keep stdout for the JSON alone.
     with contextlib.redirect_stdout(sys.stderr):
         result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 def parse_args() -> argparse.Namespace:

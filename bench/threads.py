@@ -16,7 +16,6 @@ within noise. Prints JSON (and writes it to --out when given).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.report import emit  # noqa: E402
 from bench.serve import ServerChild  # noqa: E402
 from bifusion import BiFusionEncoder, EncodeOptions  # noqa: E402
 from bifusion_client.api import BiFusionClient  # noqa: E402
@@ -121,11 +121,7 @@ def main() -> None:
         "stage_ms": stages,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

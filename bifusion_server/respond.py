@@ -27,17 +27,6 @@ def response_bytes_bound(num_points: int, feature_dim: int, float16: bool, world
     return num_points * per_point + ENVELOPE_BYTES
 
 
-def build_response(
-    result: FrameResult,
-    float16: bool,
-    model: str,
-    queue_ms: float,
-    decode_ms: float,
-    batch_size: int,
-) -> bytes:
-    return response_message(result, float16, model, queue_ms, decode_ms, batch_size).SerializeToString()
-
-
 def response_message(
     result: FrameResult,
     float16: bool,

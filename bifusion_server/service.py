@@ -23,7 +23,7 @@ from bifusion_wire.tensor import FieldError
 from .batcher import BatchFailed, Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull
 from .decode import DecodedRequest, decode_request, largest_field, parse_request
 from .metrics import ServerMetrics
-from .respond import build_response, model_id, response_bytes_bound
+from .respond import model_id, response_bytes_bound, response_message
 
 log = logging.getLogger("bifusion.server")
 Code = grpc.StatusCode
@@ -225,14 +225,14 @@ class EncoderService:
 
     def _serialise(self, model: Attached, prepared: Prepared, encoded: Encoded) -> bytes:
         started = time.perf_counter()
-        response = build_response(
+        response = response_message(
             encoded.result,
             float16=prepared.decoded.float16,
             model=model_id(model.encoder.info.checkpoint_sha256),
             queue_ms=encoded.queue_seconds * 1000.0,
             decode_ms=prepared.decode_seconds * 1000.0,
             batch_size=encoded.batch_size,
-        )
+        ).SerializeToString()
         self._metrics.encode_duration.observe(time.perf_counter() - started)
         return response
 
