@@ -107,10 +107,11 @@ class Agreement:
         self.checked = 0
         self.bitwise_equal = 0
         self.max_abs_diff = 0.0
-        self.mismatches: list[str] = []
-        self.unet_ms: list[float] = []
+        self.failed = 0
+        self.mismatches: list[str] = []  # the first few
+        self.unet_ms_per_frame: dict[int, list[float]] = {}  # by concurrency
 
-    def check(self, result: EncodeResult) -> None:
+    def check(self, result: EncodeResult, concurrency: int) -> None:
         want = self._reference[result.frame_id]
         problem = None
         if not (
@@ -132,20 +133,26 @@ class Agreement:
             self.checked += 1
             self.bitwise_equal += exact
             self.max_abs_diff = max(self.max_abs_diff, diff)
+            self.failed += problem is not None
             if problem and len(self.mismatches) < 5:
                 self.mismatches.append(f"{result.frame_id}: {problem}")
-            if "unet" in result.stage_ms:
-                self.unet_ms.append(result.stage_ms["unet"])
+            if "unet" in result.stage_ms:  # per batch: share it out over the batch's frames
+                per_frame = result.stage_ms["unet"] / max(1, result.batch_size)
+                self.unet_ms_per_frame.setdefault(concurrency, []).append(per_frame)
+
+    def unet_ms(self, concurrency: int) -> float | None:
+        """Median U-Net ms per frame in this contender's responses at ``concurrency``."""
+        times = self.unet_ms_per_frame.get(concurrency)
+        return round(statistics.median(times), 1) if times else None
 
     def summary(self) -> dict:
         return {
             "responses_checked": self.checked,
             "bitwise_equal": self.bitwise_equal,
-            "within_tolerance": self.checked - len(self.mismatches) if self.mismatches else self.checked,
+            "within_tolerance": self.checked - self.failed,
             "max_abs_diff": self.max_abs_diff,
             "tolerance": FEATURE_ATOL,
             "mismatches": self.mismatches,
-            "unet_ms_median": round(statistics.median(self.unet_ms), 1) if self.unet_ms else None,
         }
 
 
@@ -153,13 +160,14 @@ class Checked:
     """A client whose every answer goes through an :class:`Agreement` before the load
     generator sees it."""
 
-    def __init__(self, client, agreement: Agreement):
+    def __init__(self, client, agreement: Agreement, concurrency: int):
         self._client = client
         self._agreement = agreement
+        self._concurrency = concurrency
 
     def encode_request(self, request, timeout=None):
         result = self._client.encode_request(request, timeout=timeout)
-        self._agreement.check(result)
+        self._agreement.check(result, self._concurrency)
         return result
 
     def __enter__(self):
@@ -294,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         agreement = {name: Agreement(reference) for name in CONTENDERS}
         for name in CONTENDERS:  # warm-up: first calls, Ray's routing tables
-            run_load(lambda n=name: Checked(connect[n](), agreement[n]), requests, concurrency=1, frames=2)
+            run_load(lambda n=name: Checked(connect[n](), agreement[n], 0), requests, concurrency=1, frames=2)
 
         levels = []
         for level_index, concurrency in enumerate(args.concurrency):
@@ -303,13 +311,18 @@ def run(args: argparse.Namespace) -> dict:
             for round_index in range(args.rounds):
                 for name in rotated(CONTENDERS, level_index + round_index):
                     report = run_load(
-                        lambda n=name: Checked(connect[n](), agreement[n]),
+                        lambda n=name, c=concurrency: Checked(connect[n](), agreement[n], c),
                         requests,
                         concurrency=concurrency,
                         frames=frames,
                     )
                     rounds[name].append(report)
-            row = {"concurrency": concurrency, **{name: combine(rounds[name]) for name in CONTENDERS}}
+            row = {"concurrency": concurrency}
+            for name in CONTENDERS:
+                row[name] = {
+                    **combine(rounds[name]),
+                    "unet_ms_per_frame": agreement[name].unet_ms(concurrency),
+                }
             for peer_name in ("ray_grpc", "ray_http"):
                 ours, theirs = row["ours"], row[peer_name]
                 row[f"ours_vs_{peer_name}"] = {
