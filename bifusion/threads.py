@@ -221,7 +221,16 @@ def configure_threads(num_threads: int | None = None) -> ThreadSettings:
             "before torch",
             policy or "unset",
         )
-    return ThreadSettings(threads, source, torch.get_num_threads(), blas_threads, policy, passive)
+    settings = ThreadSettings(threads, source, torch.get_num_threads(), blas_threads, policy, passive)
+    log.info(
+        "CPU threads: %d (%s); torch intra-op %d, OpenBLAS %s, OMP_WAIT_POLICY %s",
+        threads,
+        source,
+        settings.torch_threads,
+        sorted(set(blas_threads.values())) or "not loaded",
+        policy or "unset",
+    )
+    return settings
 
 
 def hold_on_this_thread(settings: ThreadSettings) -> None:
