@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from bifusion import threads
 
@@ -90,7 +93,6 @@ def test_bifusion_threads_and_argument(monkeypatch):
 def test_settings_made_on_one_thread_hold_on_every_thread():
     """The encoder may be built on one thread and run on another: what configure_threads
     sets must be process-wide (torch intra-op count, every OpenBLAS pool)."""
-    import torch
     from threadpoolctl import threadpool_info, threadpool_limits
 
     budget = threads.cpu_budget()
@@ -161,8 +163,27 @@ def test_torch_imported_first_is_reported_not_hidden():
 
 
 def test_the_encoder_configures_its_threads(encoder):
-    import torch
-
     settings = encoder.thread_settings
     assert settings.threads == (threads.requested_threads() or threads.cpu_budget())
     assert torch.get_num_threads() == settings.torch_threads == settings.threads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_encoder_built_on_one_thread_runs_on_another(tum_frames):
+    """The server's model thread builds the encoder; anything may run it. The CPU half of a
+    CUDA encoder (points, voxel keys, MinkowskiEngine's coordinate maps) gets the same pools."""
+    from bifusion import BiFusionEncoder
+
+    builder = ThreadPoolExecutor(1)
+    try:
+        gpu = builder.submit(BiFusionEncoder, device="cuda").result()
+        assert gpu.thread_settings.threads == (threads.requested_threads() or threads.cpu_budget())
+        on_builder = builder.submit(gpu.encode, tum_frames[:2]).result()
+    finally:
+        builder.shutdown()
+    on_main = gpu.encode(tum_frames[:2])
+    assert torch.get_num_threads() == gpu.thread_settings.torch_threads
+    for a, b in zip(on_builder, on_main, strict=True):
+        np.testing.assert_array_equal(a.valid, b.valid)
+        np.testing.assert_allclose(a.features, b.features, atol=1e-6)
