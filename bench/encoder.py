@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -18,12 +19,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
-
 from bench.machine import describe  # noqa: E402
 from bifusion import BiFusionEncoder, EncodeOptions, Frame, Intrinsics  # noqa: E402
+from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tum_fr1_xyz"
+
+def _data_dir() -> Path:
+    """$BIFUSION_DATA_DIR (as the tests read it), else the nearest ``shared/data`` above the checkout."""
+    if "BIFUSION_DATA_DIR" in os.environ:
+        return Path(os.environ["BIFUSION_DATA_DIR"])
+    found = (parent / "shared" / "data" for parent in ROOT.parents)
+    return next((d for d in found if d.is_dir()), ROOT.parent / "shared" / "data")
+
+
+DEFAULT_DATA = _data_dir() / "tum_fr1_xyz"
 
 
 def real_frames(folder: Path) -> list[Frame]:
@@ -84,6 +93,7 @@ def main() -> None:
         "benchmark": "encoder",
         "machine": describe(str(encoder.device)),
         "amp": encoder.amp,
+        "thread_settings": encoder.thread_settings.as_dict(),
         "demo_weights": encoder.info.demo_weights,
         "repeats": args.repeats,
         "data": str(args.data),

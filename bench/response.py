@@ -24,12 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORT_PATHS = [str(ROOT), str(ROOT / "client")]
 sys.path[:0] = IMPORT_PATHS
 
-from bifusion_client.result import EncodeResult, float32_features  # noqa: E402
-from bifusion_wire import encoder_pb2 as pb  # noqa: E402
-from bifusion_wire.tensor import from_tensor, shared_output_bytes  # noqa: E402
-
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
 from bench.machine import describe, emit  # noqa: E402
+from bifusion_client.result import EncodeResult, float32_features  # noqa: E402
 from bifusion_server.respond import (  # noqa: E402
     reference_response,
     response_head,
@@ -37,6 +34,8 @@ from bifusion_server.respond import (  # noqa: E402
     serialise_inline,
 )
 from bifusion_server.shared_memory import SharedMemoryRegistry  # noqa: E402
+from bifusion_wire import encoder_pb2 as pb  # noqa: E402
+from bifusion_wire.tensor import from_tensor, shared_output_bytes  # noqa: E402
 
 DTYPES = ("float32", "float16", "int8", "bfloat16")
 

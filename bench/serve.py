@@ -34,14 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORT_PATHS = [str(ROOT), str(ROOT / "client")]
 sys.path[:0] = IMPORT_PATHS
 
+from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
+from bench.machine import describe, emit  # noqa: E402
 from bifusion_client.api import BiFusionClient  # noqa: E402
 from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
 from bifusion_client.loadgen import run_load  # noqa: E402
 from bifusion_client.request import request_from_folder_frame  # noqa: E402
 from bifusion_wire.tensor import point_bytes  # noqa: E402
-
-from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
-from bench.machine import describe, emit  # noqa: E402
 
 TRANSPORTS = ("float32", "float16", "int8", "bfloat16", "shm")
 

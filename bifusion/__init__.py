@@ -1,8 +1,14 @@
 """BiFusion encoder: CLIP ViT-B/16 and a MinkowskiEngine U-Net fused per point."""
 
-from .encoder import BiFusionEncoder, ModelInfo
-from .errors import CheckpointError, InputError
-from .types import EncodeOptions, Frame, FrameResult, FrameStats, Intrinsics, Limits
+# First, before torch loads: OpenMP reads its wait policy once, when its runtime starts.
+from .threads import prepare_environment
+
+prepare_environment()
+
+from .encoder import BiFusionEncoder, ModelInfo  # noqa: E402
+from .errors import CheckpointError, InputError  # noqa: E402
+from .threads import configure_threads, cpu_budget  # noqa: E402
+from .types import EncodeOptions, Frame, FrameResult, FrameStats, Intrinsics, Limits  # noqa: E402
 
 __all__ = [
     "BiFusionEncoder",
@@ -15,4 +21,6 @@ __all__ = [
     "Intrinsics",
     "Limits",
     "ModelInfo",
+    "configure_threads",
+    "cpu_budget",
 ]

@@ -21,6 +21,7 @@ from .demo import default_checkpoint_path
 from .devices import full_precision_float32, resolve_device
 from .model import BiFusionModel
 from .staging import HostStaging
+from .threads import configure_threads, hold_on_this_thread
 from .types import EncodeOptions, Frame, FrameResult, FrameStats, Limits
 from .validation import validate_frame
 
@@ -69,7 +70,11 @@ class BiFusionEncoder:
         device: str | torch.device = "auto",
         amp: bool = False,
         limits: Limits | None = None,
+        threads: int | None = None,
     ):
+        # Thread pools sized here, process-wide, so speed does not depend on which thread
+        # builds or runs the encoder (threads: None = $BIFUSION_THREADS, else the CPU budget).
+        self.thread_settings = configure_threads(threads)
         self.device = resolve_device(device)
         full_precision_float32()
         self.staging = HostStaging(self.device)
@@ -112,6 +117,7 @@ class BiFusionEncoder:
     ) -> list[FrameResult]:
         if not frames:
             return []
+        hold_on_this_thread(self.thread_settings)  # this thread may predate the settings
         if options is None or isinstance(options, EncodeOptions):
             options = [options or EncodeOptions()] * len(frames)
         if len(options) != len(frames):

@@ -7,14 +7,13 @@ here.
 
 import collections
 import collections.abc
-import os
 import warnings
 
 if not hasattr(collections, "Sequence"):
     collections.Sequence = collections.abc.Sequence
 
-# MinkowskiEngine warns about OMP_NUM_THREADS on every import when it is unset.
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+# MinkowskiEngine warns about OMP_NUM_THREADS on every import when it is unset: bifusion's
+# import has set it already (threads.prepare_environment, for the process's CPU budget).
 
 # Known, harmless warnings of MinkowskiEngine 0.5.4 on current PyTorch: the CPU-only
 # notice on every import and a deprecated sparse constructor it calls internally.

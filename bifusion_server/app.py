@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from bifusion_wire import SERVICE_NAME
-from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.documented import documented_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bifusion import BiFusionEncoder
+from bifusion_wire import SERVICE_NAME
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.documented import documented_pool
 
 from .access_log import AccessLog, CallRecord
 from .auth import BearerTokenInterceptor

@@ -6,6 +6,7 @@ import hmac
 from collections.abc import Callable
 
 import grpc
+
 from bifusion_wire import SERVICE_NAME
 
 BEARER = "bearer "

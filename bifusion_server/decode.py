@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import OUTPUT_DTYPES, FieldError, check_byte_count, from_tensor
 from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from bifusion import EncodeOptions, Frame, Intrinsics, Limits
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.tensor import OUTPUT_DTYPES, FieldError, check_byte_count, from_tensor
 
 from .budget import Cost
 

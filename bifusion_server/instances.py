@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +210,8 @@ class ProcessInstance:
         process = context.Process(
             target=instance_main, args=(child_end, spec), name=f"bifusion-instance-{self.name}", daemon=True
         )
-        process.start()
+        with _child_environment(self._spec.threads):
+            process.start()
         child_end.close()
         self._process, self._conn = process, parent_end
         try:
@@ -332,3 +335,25 @@ def _reap(process) -> None:
     if process.exitcode is None:
         process.kill()
         process.join()
+
+
+_ENVIRONMENT_LOCK = threading.Lock()
+THREAD_VARIABLES = ("BIFUSION_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _child_environment(threads: int):
+    """A spawned child starts with a copy of ``os.environ``, and re-imports the parent's main
+    module (hence torch) before ``instance_main`` runs: its thread sizes must already be in the
+    environment it is started with (``OMP_WAIT_POLICY`` is there since ``import bifusion``)."""
+    with _ENVIRONMENT_LOCK:
+        saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from bifusion import FrameResult, ModelInfo
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.raw import tensor_field_header
 from bifusion_wire.tensor import DTYPES, point_bytes, to_tensor
-
-from bifusion import FrameResult, ModelInfo
 
 from .wire_buffer import new_bytes
 

@@ -15,12 +15,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
-from bifusion_wire import SERVICE_NAME
-from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import FieldError, shared_output_bytes
 from google.protobuf.message import DecodeError
 
 from bifusion import BiFusionEncoder, InputError
+from bifusion_wire import SERVICE_NAME
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.tensor import FieldError, shared_output_bytes
 
 from .access_log import AccessLog, CallRecord, current_call
 from .batcher import Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull, deadline_passed

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from bifusion_client.frames_folder import FolderFrame, load_frames_folder
 
 DATA_DIR = Path(os.environ.get("BIFUSION_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from bifusion_client.sinks.bag_writer import BagWriter
 from PIL import Image
 from scipy.spatial.transform import Rotation
+
+from bifusion_client.sinks.bag_writer import BagWriter
 
 COLOR_TOPIC = "/camera/rgb/image_color"
 DEPTH_TOPIC = "/camera/depth_registered/image"

@@ -7,8 +7,9 @@ import io
 
 import numpy as np
 import pytest
-from bifusion_client.depth_check import depth_scale_warning, median_depth_m
 from PIL import Image
+
+from bifusion_client.depth_check import depth_scale_warning, median_depth_m
 
 
 def test_right_scale_is_silent_and_wrong_scale_names_the_fit(tum_folder_frames):

@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import test_client_cli
-from bifusion_client.sinks.colors import FeaturePCA, heat_colors
-from bifusion_client.sinks.pictures import LABEL_HEIGHT, point_owner
-from bifusion_client.sinks.ply import PLY_DTYPE
 from conftest import TUM_DIR
 from PIL import Image
 from rosbag_data import COLOR_TOPIC, DEPTH_TOPIC, expected_pose, write_rgbd_bag
 from test_client_cli import cli
 
 from bifusion import EncodeOptions, Frame, Intrinsics
+from bifusion_client.sinks.colors import FeaturePCA, heat_colors
+from bifusion_client.sinks.pictures import LABEL_HEIGHT, point_owner
+from bifusion_client.sinks.ply import PLY_DTYPE
 
 NO_ROSBAGS = "the [ros] extra (rosbags) is not installed"
 MAX_POINTS = 2000

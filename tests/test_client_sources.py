@@ -11,14 +11,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import TUM_DIR
+from PIL import Image
+from scipy.spatial.transform import Rotation, Slerp
+
 from bifusion_client.sources import read_folder, read_tum, tum_intrinsics
 from bifusion_client.sources.poses import PoseTrack, pose_matrix
 from bifusion_client.sources.ros_image import camera_matrix, color_from_image, depth_from_image
 from bifusion_client.sources.tf_tree import TfTree
 from bifusion_client.sources.timing import associate
-from conftest import TUM_DIR
-from PIL import Image
-from scipy.spatial.transform import Rotation, Slerp
 
 
 def associate_reference(first, second, max_difference=0.02):

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
 from deploy_tools import DOCKER, tool
 from serving_harness import _LoopThread, free_port, running_server, wait_until
+
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 CONFIG = DOCKER / "envoy" / "envoy.yaml"
 CALLS = 16

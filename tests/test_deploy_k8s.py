@@ -27,8 +27,6 @@ import grpc
 import kubernetes_validate
 import pytest
 import yaml
-from bifusion_client.api import BiFusionClient, balancing_service_config
-from bifusion_client.request import request_from_folder_frame
 from deploy_promql import check_names, exported, metric_names
 from deploy_tools import DOCKER, ROOT, tool
 from serving_harness import (
@@ -42,6 +40,8 @@ from test_deploy_envoy import loopback_config, running_envoy
 from test_deploy_prometheus import Prometheus
 from test_deploy_prometheus import loopback_config as prometheus_loopback_config
 
+from bifusion_client.api import BiFusionClient, balancing_service_config
+from bifusion_client.request import request_from_folder_frame
 from bifusion_server.config import ServerConfig, env_name, load_config
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
 from deploy_promql import dashboard_targets, grafana_to_promql
 from deploy_tools import DATA, DOCKER, tool
 from serving_harness import free_port, running_server
+
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 MAX_POINTS = 3000
 CONFIG = DOCKER / "prometheus" / "prometheus.yml"

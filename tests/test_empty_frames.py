@@ -12,12 +12,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import build_request, request_from_folder_frame
 from serving_harness import running_server
 
 from bifusion import EncodeOptions, InputError
 from bifusion.inputs import depth_metres
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import build_request, request_from_folder_frame
 
 SCALE = 399999.99191999994
 

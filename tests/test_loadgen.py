@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from serving_harness import running_server
+
 from bifusion_client.api import BiFusionClient
 from bifusion_client.loadgen import run_load
 from bifusion_client.request import request_from_folder_frame
-from serving_harness import running_server
 
 
 def test_a_timed_run_lasts_its_duration_and_counts_its_frames(encoder, tum_folder_frames):

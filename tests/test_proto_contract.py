@@ -10,11 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.documented import DESCRIPTOR_SET, DocumentedPool, same_definitions
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving_harness import ROOT, running_server
+
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.documented import DESCRIPTOR_SET, DocumentedPool, same_definitions
 
 BUF = Path(os.environ.get("BIFUSION_BUF", ROOT / ".tools" / "buf" / "node_modules" / ".bin" / "buf"))
 # FileDescriptorProto field numbers, for source-info paths.

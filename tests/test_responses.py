@@ -8,15 +8,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
-from bifusion_client.result import EncodeResult
-from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import bfloat16_to_float32
 from serving_harness import running_server
 
 from bifusion import EncodeOptions
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
+from bifusion_client.result import EncodeResult
 from bifusion_server.respond import reference_response, response_head, response_outputs, serialise_inline
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire.tensor import bfloat16_to_float32
 
 DTYPES = ("float32", "float16", "int8", "bfloat16")
 MAX_POINTS = 3000

@@ -7,10 +7,10 @@ import logging
 
 import grpc
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
 from serving_harness import running_server, server_process
 
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 from bifusion_server.access_log import ACCESS_LOGGER, AccessLog, CallRecord
 from bifusion_server.log_format import JsonFormatter
 

@@ -9,11 +9,12 @@ import math
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+from serving_harness import health_status, running_server, wait_until
+
 from bifusion_client.api import BiFusionClient, error_field
 from bifusion_client.request import build_request, request_from_folder_frame
 from bifusion_wire import encoder_pb2 as pb
-from PIL import Image
-from serving_harness import health_status, running_server, wait_until
 
 MIB = 1024 * 1024
 LIMIT = 4 * MIB  # the server's --max-message-bytes here

@@ -8,12 +8,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from bifusion_client.api import BiFusionClient, error_field
-from bifusion_client.request import build_request
 from PIL import Image
 from serving_harness import ModelSpy, running_server, wait_until
 from test_serving_overload import model_held_busy, request
 
+from bifusion_client.api import BiFusionClient, error_field
+from bifusion_client.request import build_request
 from bifusion_server.budget import Budget, BudgetFull, BudgetLimits, Cost, OverRequestBudget
 
 VGA_PIXELS = 640 * 480

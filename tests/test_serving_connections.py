@@ -7,14 +7,14 @@ import time
 
 import grpc
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire import encoder_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_harness import running_server, wait_until
 
+from bifusion_client.api import BiFusionClient
 from bifusion_server.app import connection_options
 from bifusion_server.config import ServerConfig
+from bifusion_wire import encoder_pb2 as pb
+from bifusion_wire import encoder_pb2_grpc
 
 # A channel of its own: without it, channels to one address share a connection.
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)

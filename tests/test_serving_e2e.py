@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import build_request, request_from_folder_frame
 from serving_harness import running_server
 
 from bifusion import EncodeOptions
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import build_request, request_from_folder_frame
 
 MAX_POINTS = 2000
 TOLERANCE = 1e-4  # the encoder's batch-invariance bound

@@ -16,12 +16,13 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+from serving_harness import running_server
+
 from bifusion_client.request import build_request
 from bifusion_client.result import EncodeResult
 from bifusion_wire import SERVICE_NAME
 from bifusion_wire import encoder_pb2 as pb
-from PIL import Image
-from serving_harness import running_server
 
 SEED = 20261126
 UNARY_MUTANTS = 2000

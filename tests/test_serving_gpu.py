@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
 from serving_harness import running_server
 
 from bifusion import BiFusionEncoder, EncodeOptions
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

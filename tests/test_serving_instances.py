@@ -13,15 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
-from bifusion_wire import encoder_pb2_grpc
 from conftest import to_frame
 from serving_harness import health_status, running_server, server_process, wait_until
 
 from bifusion import EncodeOptions
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
 from bifusion_server.instances import cores
 from bifusion_server.shm import SegmentPool, pack, unpack
+from bifusion_wire import encoder_pb2_grpc
 
 
 @pytest.fixture(scope="module")

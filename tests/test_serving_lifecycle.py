@@ -12,9 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import request_from_folder_frame
-from bifusion_wire import SERVICE_NAME
 from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
@@ -28,6 +25,9 @@ from serving_harness import (
 )
 
 from bifusion import EncodeOptions
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import request_from_folder_frame
+from bifusion_wire import SERVICE_NAME
 
 HEALTH_NAMES = ("", SERVICE_NAME)
 

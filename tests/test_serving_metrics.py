@@ -12,10 +12,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from bifusion_client.api import BiFusionClient
-from bifusion_client.request import build_request, request_from_folder_frame
 from prometheus_client.parser import text_string_to_metric_families
 from serving_harness import ROOT, free_port, running_server, wait_until
+
+from bifusion_client.api import BiFusionClient
+from bifusion_client.request import build_request, request_from_folder_frame
 
 RATIO_BUCKETS = [round(0.05 * k, 2) for k in range(21)]
 DOCUMENTED = {  # name: (type, labels)

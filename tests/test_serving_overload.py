@@ -11,11 +11,11 @@ import contextlib
 import grpc
 import pytest
 import torch
-from bifusion_client.request import request_from_folder_frame
-from bifusion_wire import encoder_pb2_grpc
 from serving_harness import ModelSpy, health_status, running_server, wait_until
 
 from bifusion import InputError
+from bifusion_client.request import request_from_folder_frame
+from bifusion_wire import encoder_pb2_grpc
 
 MAX_POINTS = 500
 

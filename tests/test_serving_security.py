@@ -9,11 +9,12 @@ import sys
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from serving_harness import ROOT, health_status, running_server, server_process
+
 from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
 from bifusion_wire import SERVICE_NAME
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from serving_harness import ROOT, health_status, running_server, server_process
 
 TOKEN = "s3cret-T0ken"
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from serving_harness import running_server, wait_until
+
 from bifusion_client.api import BiFusionClient, error_field
 from bifusion_client.request import request_from_folder_frame
+from bifusion_server.shared_memory import SharedMemoryRegistry
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire import encoder_pb2_grpc
 from bifusion_wire.tensor import FieldError
-from serving_harness import running_server, wait_until
-
-from bifusion_server.shared_memory import SharedMemoryRegistry
 
 MAX_POINTS = 1500
 SHM = Path("/dev/shm")

@@ -10,11 +10,12 @@ import textwrap
 
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
+from serving_harness import ROOT
+
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire import health
 from bifusion_wire.tensor import FieldError, from_tensor, to_tensor
-from grpc_health.v1 import health_pb2
-from serving_harness import ROOT
 
 
 def load_generator():
