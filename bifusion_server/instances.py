@@ -35,10 +35,11 @@ from .shm import ALIGN, SegmentPool, pack, unpack
 
 log = logging.getLogger("bifusion.server")
 
-# `--instances auto`: on CPU one instance already uses every core for its tensor work; on
-# CUDA a batch-1 encode is mostly host work (launches, kernel maps), which a second
-# instance overlaps with the first one's kernels.
-AUTO_INSTANCES = {"cpu": 1, "cuda": 2}
+# `--instances auto`: one everywhere, from measurement. On CPU one instance already uses
+# every core; on an H200 a second instance did not serve more (docs/benchmarks.md, GPU):
+# the one batcher's batches grow with load and keep the device busy, while two instances
+# split the load into smaller batches and add a shared-memory copy per result.
+AUTO_INSTANCES = {"cpu": 1, "cuda": 1}
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # wait before each further try
 STOP_GRACE_S = 5.0
 PER_FRAME_SLACK = 8 * ALIGN + 1024  # alignment and small arrays besides the big ones

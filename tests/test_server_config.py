@@ -38,7 +38,7 @@ def test_instances_from_flag_or_environment_and_auto_per_device():
     assert load_config([], env={}).instances == "auto"
     assert load_config([], env={"BIFUSION_INSTANCES": "3"}).instances == "3"
     assert load_config(["--instances", "2"], env={"BIFUSION_INSTANCES": "3"}).instances == "2"
-    assert (resolve_instances("auto", "cpu"), resolve_instances("auto", "cuda")) == (1, 2)
+    assert (resolve_instances("auto", "cpu"), resolve_instances("auto", "cuda")) == (1, 1)
     assert resolve_instances("3", "cpu") == 3
 
 
