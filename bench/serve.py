@@ -87,11 +87,12 @@ class ServerChild:
             sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(self.port),
             "--metrics-port", "0", "--device", args.device, "--max-batch-size", str(args.max_batch_size),
             "--max-batch-delay-ms", str(args.max_batch_delay_ms),
-            "--max-queue", str(4 * max(args.concurrency)), "--instances", args.instances,
+            "--max-queue", str(4 * max(args.concurrency)),
+            "--instances", getattr(args, "instances", "auto"),
         ]  # fmt: skip
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
-        if "shm" in args.transports:
+        if "shm" in getattr(args, "transports", ()):
             command.append("--allow-shared-memory")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([*IMPORT_PATHS, os.environ.get("PYTHONPATH", "")])}
         with open(self.log_path, "wb") as log:

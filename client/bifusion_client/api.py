@@ -70,6 +70,11 @@ class BiFusionClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # A connection of its own: gRPC otherwise shares one between every channel of the
+            # process with the same settings, so many clients (a load generator, a node per
+            # camera) would share one connection's stream limit (the server's
+            # --max-concurrent-streams), which shared-memory registrations hold for their life.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if load_balancing:
             options += balancing_options(load_balancing, max_message_bytes)
