@@ -52,8 +52,8 @@ def read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             return value, pos
         shift += 7
         if shift > 63:
-            break
-    raise WireError("malformed varint")
+            raise WireError("malformed varint (over 10 bytes)")
+    raise WireError("truncated varint")
 
 
 def fields(
