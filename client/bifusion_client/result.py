@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 from bifusion_wire import encoder_pb2 as pb
@@ -21,7 +22,8 @@ TENSOR_FIELDS = {
 }
 FEATURE_DTYPES = ("float32", "float16", "int8", "bfloat16")
 # A shared-memory reference -> the bytes it names (a view of the client's region).
-SharedMemoryReader = Callable[[pb.SharedMemoryRef], memoryview | np.ndarray]
+# (typing.Union: this alias is evaluated at run time, and the client supports Python 3.9.)
+SharedMemoryReader = Callable[[pb.SharedMemoryRef], Union[memoryview, np.ndarray]]
 
 
 @dataclass
