@@ -27,7 +27,7 @@ def depth_metres(frame: Frame) -> np.ndarray:
     """Flat float32 depth in metres: uint16 times float32(1/scale); no reading (0, NaN, inf) is 0."""
     depth = frame.depth.reshape(-1)
     if depth.dtype == np.uint16:
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # 1/scale = inf: no depth in range
             return depth.astype(np.float32) * np.float32(1.0 / frame.depth_scale)
     with np.errstate(over="ignore"):
         metres = depth.astype(np.float32, copy=False)

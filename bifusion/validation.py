@@ -80,8 +80,9 @@ def check_pose(pose, bound: float) -> None:
     if np.abs(arr[3] - (0, 0, 0, 1)).max() > 1e-6:
         raise InputError("cam_to_world", f"last row must be 0 0 0 1, got {arr[3].tolist()}")
     rot = arr[:3, :3]
-    error = np.abs(rot.T @ rot - np.eye(3)).max()
-    if error > RIGID_TOLERANCE or np.linalg.det(rot) < 0:
+    with np.errstate(over="ignore", invalid="ignore"):  # huge entries: inf or NaN, refused below
+        error = np.abs(rot.T @ rot - np.eye(3)).max()
+    if not error <= RIGID_TOLERANCE or np.linalg.det(rot) < 0:
         raise InputError(
             "cam_to_world",
             f"rotation is not orthonormal with det +1 (max |RᵀR − I| = {error:.2e}); "
@@ -112,7 +113,8 @@ def _check_backprojection_extent(frame: Frame, config: ModelConfig, bound: float
     sideways; extreme intrinsics must not push them beyond the coordinate bound."""
     fx, fy, cx, cy = intrinsics_vector(frame)
     for name, focal, centre, size in (("fx", fx, cx, frame.width), ("fy", fy, cy, frame.height)):
-        reach = max(abs(centre), abs(size - 1 - centre)) * config.max_depth / focal
+        with np.errstate(over="ignore"):  # a tiny focal length: inf, refused below
+            reach = max(abs(centre), abs(size - 1 - centre)) * config.max_depth / focal
         if not reach <= bound:
             raise InputError(
                 f"intrinsics.{name}",

@@ -142,3 +142,12 @@ def test_one_bad_frame_stops_the_batch_before_compute(encoder, tum_frames, monke
 def test_real_poses_pass_the_rigidity_check(encoder, tum_frames):
     for frame in tum_frames:
         encoder.validate(frame)
+
+
+def test_a_rotation_whose_check_overflows_is_refused(encoder, tum_frames):
+    # Finite but huge entries overflow RᵀR (inf, or NaN from inf - inf): refused all the same.
+    pose = np.eye(4)
+    pose[:3, :3] = ((1e200, 1e200, 0), (1e200, -1e200, 0), (0, 0, 0))
+    frame = dataclasses.replace(tum_frames[0], cam_to_world=pose)
+    with pytest.raises(InputError, match="orthonormal"):
+        encoder.validate(frame)
