@@ -1,8 +1,8 @@
 """The model instance child process: load the encoder, warm it up, then encode batches.
 
-Started with the 'spawn' method by :class:`bifusion_server.instances.ProcessInstance`. Only
-the standard library is imported at module level, so the thread settings below are in the
-environment before torch, numpy or OpenBLAS read them.
+Started with the 'spawn' method by :class:`bifusion_server.instances.ProcessInstance`, whose
+environment already holds this process's thread sizes (``BIFUSION_THREADS`` and the OpenMP
+and OpenBLAS counts) before torch loads; the encoder applies them when it is built.
 
 Messages on the pipe (tuples; arrays never travel through it, see ``shm.py``):
   child → parent  ("ready", ModelInfo, thread settings) | ("failed", reason)  once, after warm-up
@@ -22,10 +22,6 @@ log = logging.getLogger("bifusion.server")
 
 
 def instance_main(conn, spec: dict) -> None:
-    threads = str(spec["threads"])
-    os.environ["BIFUSION_THREADS"] = threads
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, threads)
     # Ctrl-C in a terminal reaches the whole process group: the parent drains, the
     # instances must keep computing until it stops them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -47,14 +43,13 @@ def instance_main(conn, spec: dict) -> None:
 
 
 def _load(spec: dict):
-    import torch
-
     from bifusion import BiFusionEncoder
 
     from .warmup import synthetic_frames
 
-    torch.set_num_threads(int(spec["threads"]))
-    encoder = BiFusionEncoder(spec["checkpoint"], device=spec["device"], amp=spec["amp"])
+    encoder = BiFusionEncoder(
+        spec["checkpoint"], device=spec["device"], amp=spec["amp"], threads=spec["threads"]
+    )
     if spec["warmup_frames"]:
         started = time.monotonic()
         encoder.encode(synthetic_frames(spec["warmup_frames"]))
