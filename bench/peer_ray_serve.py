@@ -289,7 +289,13 @@ def run(args: argparse.Namespace) -> dict:
     folder_frames = load_frames_folder(args.data)
     requests = [request_from_folder_frame(f, max_points=args.points) for f in folder_frames]
 
-    server = ServerChild(args)
+    server = ServerChild(
+        args.device,
+        args.checkpoint,
+        args.max_batch_size,
+        args.max_batch_delay_ms,
+        max_queue=4 * max(args.concurrency),
+    )
     peer = None
     try:
         server.wait_serving()

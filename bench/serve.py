@@ -75,7 +75,16 @@ def in_process_rates(args) -> dict:
 class ServerChild:
     """``python -m bifusion_server`` on a free port, stopped with SIGTERM."""
 
-    def __init__(self, args):
+    def __init__(
+        self,
+        device: str,
+        checkpoint: str | None = None,
+        max_batch_size: int = 8,
+        max_batch_delay_ms: float = 5.0,
+        max_queue: int = 64,
+        instances: str = "auto",
+        shared_memory: bool = False,
+    ):
         import socket
 
         with socket.socket() as sock:
@@ -85,14 +94,13 @@ class ServerChild:
         self.log_path = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
         command = [
             sys.executable, "-m", "bifusion_server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--metrics-port", "0", "--device", args.device, "--max-batch-size", str(args.max_batch_size),
-            "--max-batch-delay-ms", str(args.max_batch_delay_ms),
-            "--max-queue", str(4 * max(args.concurrency)),
-            "--instances", getattr(args, "instances", "auto"),
+            "--metrics-port", "0", "--device", device, "--max-batch-size", str(max_batch_size),
+            "--max-batch-delay-ms", str(max_batch_delay_ms), "--max-queue", str(max_queue),
+            "--instances", instances,
         ]  # fmt: skip
-        if args.checkpoint:
-            command += ["--checkpoint", args.checkpoint]
-        if "shm" in getattr(args, "transports", ()):
+        if checkpoint:
+            command += ["--checkpoint", checkpoint]
+        if shared_memory:
             command.append("--allow-shared-memory")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([*IMPORT_PATHS, os.environ.get("PYTHONPATH", "")])}
         with open(self.log_path, "wb") as log:
@@ -197,7 +205,15 @@ def main() -> None:
     png = [request_from_folder_frame(f, max_points=args.points) for f in folder_frames]
     raw_formats = {"color_format": "raw", "depth_format": "raw"}
     raw = [request_from_folder_frame(f, max_points=args.points, **raw_formats) for f in folder_frames]
-    server = ServerChild(args)
+    server = ServerChild(
+        args.device,
+        args.checkpoint,
+        args.max_batch_size,
+        args.max_batch_delay_ms,
+        max_queue=4 * max(args.concurrency),
+        instances=args.instances,
+        shared_memory="shm" in args.transports,
+    )
     try:
         server.wait_serving()
         served = {

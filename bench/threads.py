@@ -78,8 +78,8 @@ def main() -> None:
     built_on_main.encode(frames[:1], options)  # warm-up
     on(build_thread, built_on_worker.encode, frames[:1], options)
 
-    one_at_a_time = {"max_batch_size": 1, "max_batch_delay_ms": 0.0, "concurrency": [1]}
-    server = ServerChild(argparse.Namespace(device=args.device, checkpoint=args.checkpoint, **one_at_a_time))
+    # One frame at a time, as in process.
+    server = ServerChild(args.device, args.checkpoint, max_batch_size=1, max_batch_delay_ms=0.0)
     timings: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     try:
         server.wait_serving()
