@@ -42,7 +42,9 @@ class RerunSink:
             ),
         )
         rec.log("world/camera/image", rr.Image(frame.color))
-        xyz = result.points_world
+        # The result's arrays view the received message, where a float32 need not start on a
+        # 4-byte boundary; Arrow (inside rerun) refuses such buffers, so hand it an aligned copy.
+        xyz = np.require(result.points_world, requirements="CA")
         rec.log("world/points/pca", rr.Points3D(xyz, colors=self.pca.colors(result.features), radii=0.004))
         alpha_colors = np.where(result.valid[:, None], heat_colors(result.alpha), np.uint8(70))
         rec.log("world/points/alpha", rr.Points3D(xyz, colors=alpha_colors, radii=0.004))
