@@ -375,30 +375,40 @@ class EncoderService:
         """Runs an RPC's work; maps errors to status codes and records the call's metrics."""
         started = time.perf_counter()
         deadline = _deadline(context)
-        code = Code.OK
         call = CallRecord(method=rpc, peer=context.peer())
         current_call.set(call)  # this task's context: the call's own
-        self._enter()
-        try:
-            return await work()
-        except ServiceError as error:
-            code = error.code
-            call.frame_id = error.frame_id or call.frame_id
-            await context.abort(error.code, error.message, error.trailing_metadata())
-        except asyncio.CancelledError:
-            code = Code.DEADLINE_EXCEEDED if deadline_passed(deadline) else Code.CANCELLED
-            raise
-        except Exception:
-            code = Code.INTERNAL
-            log.exception("%s failed unexpectedly", rpc)
-            await context.abort(Code.INTERNAL, "internal server error (details in the server log)")
-        finally:
+        recorded = False
+
+        def record(code: Code) -> None:
+            # Before an error status is sent, so a client that sees the status also sees it counted.
+            nonlocal recorded
+            recorded = True
             self._leave()
             seconds = time.perf_counter() - started
             self._metrics.observe_request(rpc, code.name, seconds)
             if self._access_log is not None:
                 call.status, call.latency_ms = code.name, seconds * 1000.0
                 self._access_log.record(call)
+
+        self._enter()
+        try:
+            result = await work()
+            record(Code.OK)
+            return result
+        except ServiceError as error:
+            call.frame_id = error.frame_id or call.frame_id
+            record(error.code)
+            await context.abort(error.code, error.message, error.trailing_metadata())
+        except asyncio.CancelledError:
+            record(Code.DEADLINE_EXCEEDED if deadline_passed(deadline) else Code.CANCELLED)
+            raise
+        except Exception:
+            log.exception("%s failed unexpectedly", rpc)
+            record(Code.INTERNAL)
+            await context.abort(Code.INTERNAL, "internal server error (details in the server log)")
+        finally:
+            if not recorded:  # an error raised by the abort itself, or by recording
+                record(Code.INTERNAL)
 
     def _enter(self) -> None:
         self._inflight += 1
