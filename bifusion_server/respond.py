@@ -3,7 +3,8 @@
 A response is mostly feature bytes (20 MB for 20 000 points at float32), so they are written
 once, straight from the encoder's arrays into the response (converted to the asked dtype on
 the way), or into the client's shared-memory region: small fields go through protobuf, each
-big tensor is appended as a hand-framed ``Tensor`` field (protobuf takes fields in any order).
+big tensor is appended as a hand-framed ``Tensor`` field (protobuf takes fields in any order),
+padded so that its data starts on an aligned offset of the message.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from bifusion import FrameResult, ModelInfo
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.raw import tensor_field_header
-from bifusion_wire.tensor import DTYPES, point_bytes, to_tensor
+from bifusion_wire.tensor import DTYPES, MESSAGE_ALIGNMENT, point_bytes, to_tensor
 
 from .wire_buffer import new_bytes
 
@@ -142,8 +143,13 @@ def response_head(
 def serialise_inline(head: pb.EncodeFrameResponse, outputs: list[Output]) -> bytes:
     """The response's wire bytes, each tensor's data written once, in place."""
     head_bytes = head.SerializeToString()
-    headers = [tensor_field_header(o.number, o.dtype, o.shape, o.nbytes) for o in outputs]
-    total = len(head_bytes) + sum(len(h) + o.nbytes for h, o in zip(headers, outputs, strict=True))
+    headers, total = [], len(head_bytes)
+    for output in outputs:
+        header = tensor_field_header(
+            output.number, output.dtype, output.shape, output.nbytes, at=total, align=MESSAGE_ALIGNMENT
+        )
+        headers.append(header)
+        total += len(header) + output.nbytes
     message, buffer = new_bytes(total)
     buffer[: len(head_bytes)] = head_bytes
     position = len(head_bytes)

@@ -13,13 +13,18 @@ from serving_harness import running_server
 from bifusion import EncodeOptions
 from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
+from bifusion_client.result import TENSOR_FIELDS as TENSORS_BY_NUMBER
 from bifusion_client.result import EncodeResult
 from bifusion_server.respond import reference_response, response_head, response_outputs, serialise_inline
 from bifusion_wire import encoder_pb2 as pb
-from bifusion_wire.tensor import bfloat16_to_float32
+from bifusion_wire.raw import TensorView, fields
+from bifusion_wire.tensor import MAX_OUTPUT_TENSORS, MESSAGE_ALIGNMENT, bfloat16_to_float32
 
 DTYPES = ("float32", "float16", "int8", "bfloat16")
+TENSORS = ("features", "alpha", "valid", "point_indices", "points_world", "features_scale")
 MAX_POINTS = 3000
+# A padding field takes at most 2 × MESSAGE_ALIGNMENT + 2 bytes (see tensor_field_header).
+PADDING_BOUND = MAX_OUTPUT_TENSORS * (2 * MESSAGE_ALIGNMENT + 2)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +43,18 @@ def test_in_place_response_parses_as_the_protobuf_reference(results, dtype):
     for result in results[:2]:
         fast = serialise_inline(_head(result), response_outputs(result, dtype))
         reference = reference_response(_head(result), result, dtype)
-        assert type(fast) is bytes and len(fast) == len(reference)
+        assert type(fast) is bytes
         parsed, expected = (
             pb.EncodeFrameResponse.FromString(fast),
             pb.EncodeFrameResponse.FromString(reference),
         )
+        padding = 0
+        for name in filter(parsed.HasField, TENSORS):
+            tensor = getattr(parsed, name)
+            assert set(tensor.padding) <= {0}, name
+            padding += len(tensor.padding)
+            tensor.ClearField("padding")
+        assert len(fast) - len(reference) <= padding + 2 * len(TENSORS)  # each field's key and length
         assert parsed == expected
         assert parsed.features.dtype == dtype and list(parsed.features.shape) == [MAX_POINTS, 256]
         assert parsed.HasField("features_scale") == (dtype == "int8")
@@ -61,6 +73,40 @@ def test_client_arrays_view_the_response_bytes(results):
     assert parsed.frame_id == result.frame_id and parsed.model_id == "abc123"
     assert parsed.batch_size == 5 and parsed.stage_ms == pytest.approx(result.timings_ms)
     assert parsed.wire_bytes == len(message)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_tensor_starts_aligned_in_the_message(results, dtype):
+    for result in (*results, _no_points(results[0])):
+        message = serialise_inline(_head(result), response_outputs(result, dtype))
+        buffer = memoryview(message)
+        offsets = {
+            TENSORS_BY_NUMBER[number]: _offset(buffer, lo, hi)
+            for number, _, _, lo, hi in fields(buffer)
+            if number in TENSORS_BY_NUMBER
+        }
+        assert set(offsets) >= {"features", "alpha", "valid", "point_indices", "points_world"}
+        assert all(offset % MESSAGE_ALIGNMENT == 0 for offset in offsets.values()), offsets
+        # CPython's bytes data is 16-byte aligned, so the arrays viewing it are aligned too.
+        assert np.frombuffer(message, np.uint8).ctypes.data % MESSAGE_ALIGNMENT == 0
+        parsed = EncodeResult.from_bytes(message)
+        for name in TENSORS:
+            array = getattr(parsed, name)
+            assert array is None or (array.flags.aligned and array.flags.c_contiguous), name
+
+
+def _offset(buffer, lo, hi):
+    """Where a Tensor's data starts in the message."""
+    data = TensorView.parse(buffer, lo, hi).data
+    return np.frombuffer(data, np.uint8).ctypes.data - np.frombuffer(buffer, np.uint8).ctypes.data
+
+
+def _no_points(result):
+    def first(array):
+        return None if array is None else array[:0]
+
+    fields = ("features", "alpha", "valid", "point_indices", "points_world")
+    return dataclasses.replace(result, **{name: first(getattr(result, name)) for name in fields})
 
 
 def test_client_parses_a_message_serialised_by_protobuf(results):
@@ -143,14 +189,17 @@ def test_served_output_dtypes_and_their_sizes(live, tum_folder_frames):
                 request_from_folder_frame(frame, max_points=MAX_POINTS, output_dtype=dtype)
             )
             assert result.features_dtype == dtype
+            for array in (result.features, result.alpha, result.valid, result.point_indices):
+                assert array.flags.aligned  # a view of the message, or a float32 copy
             assert _cosines(result.features, full.features).min() >= 0.9999
             np.testing.assert_array_equal(result.valid, full.valid)
             sizes[dtype] = result.wire_bytes
     features = MAX_POINTS * 256
-    assert sizes["float32"] - sizes["float16"] == pytest.approx(2 * features, abs=64)
-    assert sizes["float16"] == pytest.approx(sizes["bfloat16"], abs=64)
+    slack = 64 + PADDING_BOUND  # stats and framing, and the alignment padding
+    assert sizes["float32"] - sizes["float16"] == pytest.approx(2 * features, abs=slack)
+    assert sizes["float16"] == pytest.approx(sizes["bfloat16"], abs=slack)
     # int8: 1 byte per component plus a 4-byte scale per point
-    assert sizes["float32"] - sizes["int8"] == pytest.approx(3 * features - 4 * MAX_POINTS, abs=128)
+    assert sizes["float32"] - sizes["int8"] == pytest.approx(3 * features - 4 * MAX_POINTS, abs=64 + slack)
 
 
 def test_served_response_decodes_with_the_descriptors_from_reflection(live, tum_folder_frames):

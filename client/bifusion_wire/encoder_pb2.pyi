@@ -214,16 +214,18 @@ class SharedMemoryStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ["data", "dtype", "shape", "shared_memory"]
+    __slots__ = ["data", "dtype", "padding", "shape", "shared_memory"]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     dtype: str
+    padding: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
     shared_memory: SharedMemoryRef
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class UnregisterSharedMemoryRequest(_message.Message):
     __slots__ = ["name"]

@@ -6,12 +6,13 @@ protobuf itself (protobuf accepts fields in any order and merges repeated messag
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from .encoder_pb2 import SharedMemoryRef, Tensor
 
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
-TENSOR_DTYPE, TENSOR_SHAPE, TENSOR_DATA, TENSOR_SHARED_MEMORY = 1, 2, 3, 4
+TENSOR_DTYPE, TENSOR_SHAPE, TENSOR_DATA, TENSOR_SHARED_MEMORY, TENSOR_PADDING = 1, 2, 3, 4, 5
 
 
 class WireError(ValueError):
@@ -34,12 +35,24 @@ def tag(field_number: int, wire_type: int) -> bytes:
     return varint(field_number << 3 | wire_type)
 
 
-def tensor_field_header(field_number: int, dtype: str, shape: tuple[int, ...], data_bytes: int) -> bytes:
+def tensor_field_header(
+    field_number: int, dtype: str, shape: tuple[int, ...], data_bytes: int, at: int = 0, align: int = 1
+) -> bytes:
     """The bytes of a length-delimited ``Tensor`` field up to its ``data``; exactly
-    ``data_bytes`` raw bytes must follow to complete it."""
-    inner = Tensor(dtype=dtype, shape=shape).SerializeToString()
-    inner += tag(TENSOR_DATA, LENGTH_DELIMITED) + varint(data_bytes)
-    return tag(field_number, LENGTH_DELIMITED) + varint(len(inner) + data_bytes) + inner
+    ``data_bytes`` raw bytes must follow to complete it. Written at offset ``at`` of a
+    message, a ``padding`` field makes the data start at a multiple of ``align`` (≤ 64)."""
+    described = Tensor(dtype=dtype, shape=shape).SerializeToString()
+    data_key = tag(TENSOR_DATA, LENGTH_DELIMITED) + varint(data_bytes)
+    # No padding, then padding fields of 2, 3, ... bytes: one of them lands on the boundary
+    # (the outer length's varint may grow by a byte on the way, hence twice the range).
+    padding_key = tag(TENSOR_PADDING, LENGTH_DELIMITED)
+    paddings = (padding_key + varint(n) + bytes(n) for n in range(2 * align))
+    for padding in itertools.chain([b""], paddings):
+        inner = described + padding + data_key
+        header = tag(field_number, LENGTH_DELIMITED) + varint(len(inner) + data_bytes) + inner
+        if (at + len(header)) % align == 0:
+            return header
+    raise ValueError(f"cannot align to {align} bytes")  # only for align > 64
 
 
 def read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:

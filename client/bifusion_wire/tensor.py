@@ -36,6 +36,10 @@ def point_bytes(feature_dim: int, output_dtype: str, world: bool) -> int:
     return per_point + (SCALE_BYTES_PER_POINT if output_dtype == "int8" else 0)
 
 
+# In a response message each tensor's data starts a multiple of 16 bytes from the message's
+# start. CPython keeps a ``bytes`` object's data 16-byte aligned, so arrays that view a received
+# message are aligned for every dtype (numpy does not need it; Arrow and SIMD code do).
+MESSAGE_ALIGNMENT = 16
 # In shared memory each output tensor (at most 6) starts on a 64-byte boundary.
 OUTPUT_ALIGNMENT = 64
 MAX_OUTPUT_TENSORS = 6

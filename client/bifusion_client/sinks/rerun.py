@@ -42,8 +42,8 @@ class RerunSink:
             ),
         )
         rec.log("world/camera/image", rr.Image(frame.color))
-        # The result's arrays view the received message, where a float32 need not start on a
-        # 4-byte boundary; Arrow (inside rerun) refuses such buffers, so hand it an aligned copy.
+        # Arrow (inside rerun) refuses unaligned buffers. This server's responses keep every
+        # tensor aligned; an older server's need not, and only then does this copy.
         xyz = np.require(result.points_world, requirements="CA")
         rec.log("world/points/pca", rr.Points3D(xyz, colors=self.pca.colors(result.features), radii=0.004))
         alpha_colors = np.where(result.valid[:, None], heat_colors(result.alpha), np.uint8(70))
