@@ -192,8 +192,8 @@ class BiFusionServer:
         started = time.monotonic()
         if self.instance_count == 1:
             encoder = await self._load_in_process()
-            self.instances = [InProcessInstance("0", encoder)]
-            self.metrics.instance_up.labels("0").set(1)
+            self.instances = [InProcessInstance("0", encoder, on_change=self._instances_changed)]
+            self._instances_changed()
         else:
             encoder = await self._start_processes()
         info = encoder.info
@@ -216,6 +216,7 @@ class BiFusionServer:
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             max_queue=config.max_queue,
+            stall_timeout_s=config.stall_timeout_seconds,
         )
         self.batcher.start()
         info_message = model_info_message(
@@ -263,7 +264,10 @@ class BiFusionServer:
         return ModelView(infos[0])
 
     def _instances_changed(self) -> None:
-        """Health follows the instances: NOT_SERVING while none can take a batch."""
+        """``bifusion_instance_up`` and health follow the instances: NOT_SERVING while none can
+        take a batch."""
+        for instance in self.instances:
+            self.metrics.instance_up.labels(instance.name).set(1 if instance.ready else 0)
         if self.batcher is None or self._draining or self._stopped:
             return
         asyncio.get_running_loop().create_task(self._set_health(any(i.ready for i in self.instances)))

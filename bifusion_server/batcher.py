@@ -8,7 +8,8 @@ queue and form the next batch, so batches grow with the load.
 A frame leaves the queue the moment its deadline passes or its caller goes away, so it
 never holds a slot that another request could use, and never reaches the model. A batch
 that makes the model raise is split in halves and retried until the frame that breaks it
-is alone: only that frame fails.
+is alone: only that frame fails. A batch that runs past ``stall_timeout_s`` is reported to
+its instance (``Instance.stalled``), which kills its process or reports NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ class DynamicBatcher:
         max_batch_size: int = 8,
         max_delay_s: float = 0.005,
         max_queue: int = 64,
+        stall_timeout_s: float = 0.0,  # 0: no watchdog
     ):
         self.instances = list(instances)
+        self.stall_timeout_s = stall_timeout_s
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
@@ -248,7 +251,7 @@ class DynamicBatcher:
         self._metrics.batch_size.labels(name).observe(len(jobs))
         call_started = time.monotonic()
         try:
-            output = await instance.encode([job.frame for job in jobs], [job.options for job in jobs])
+            output = await self._watched(instance, jobs)
         except InstanceLost as lost:
             log.error("%d frames lost with their model instance: %s", len(jobs), lost)
             for job in jobs:
@@ -266,6 +269,22 @@ class DynamicBatcher:
             await self._attempt(instance, jobs[half:], started)
             return
         self._deliver(name, jobs, output, started, time.monotonic() - call_started)
+
+    async def _watched(self, instance: Instance, jobs: list[_Job]) -> BatchOutput:
+        """``instance.encode`` under a watchdog that fires once the stall timeout passes."""
+        watchdog = None
+        if self.stall_timeout_s > 0:
+            loop = asyncio.get_running_loop()
+            watchdog = loop.call_later(self.stall_timeout_s, self._stalled, instance, self.stall_timeout_s)
+        try:
+            return await instance.encode([job.frame for job in jobs], [job.options for job in jobs])
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _stalled(self, instance: Instance, seconds: float) -> None:
+        self._metrics.instance_stalls.labels(instance.name).inc()
+        instance.stalled(seconds)
 
     def _deliver(
         self, name: str, jobs: list[_Job], output: BatchOutput, started: float, seconds: float

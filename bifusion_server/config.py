@@ -50,6 +50,9 @@ class ServerConfig:
     instances: str = "auto"  # copies of the encoder on the device; "auto" or a count
     warmup_frames: int = 1
     drain_seconds: float = 30.0
+    # A batch running longer is stuck (a hung kernel or driver): its instance is killed and
+    # restarted, or, in the server process, health turns NOT_SERVING. 0: no watchdog.
+    stall_timeout_seconds: float = 120.0
     log_level: str = "INFO"
     allow_shared_memory: bool = False  # same-host clients may have outputs written to their /dev/shm
     log_format: str = "text"
@@ -78,6 +81,7 @@ class ServerConfig:
             "max_batch_delay_ms",
             "warmup_frames",
             "drain_seconds",
+            "stall_timeout_seconds",
             "connection_idle_seconds",
             "connection_age_seconds",
             "connection_age_grace_seconds",
@@ -177,9 +181,12 @@ HELP = {
     "token_file": "file holding the bearer token",
     "amp": "fp16 autocast on CUDA",
     "instances": "copies of the encoder on the device, each in a process of its own (1: in the server "
-    "process); auto = 1 on CPU, 2 on CUDA",
+    "process); auto = 1 (measured best on CPU and on an H200)",
     "warmup_frames": "synthetic frames run through the model before reporting SERVING (0 skips)",
     "drain_seconds": "on SIGTERM, how long in-flight requests may take to finish",
+    "stall_timeout_seconds": "a batch computing longer is stuck: its instance process is killed and "
+    "restarted (its frames get UNAVAILABLE); with one instance, in the server process, health is "
+    "NOT_SERVING until it returns (0: never)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "allow_shared_memory": "let clients on this host register /dev/shm regions and have outputs written "
     "there (RegisterSharedMemory); off: those calls get FAILED_PRECONDITION",

@@ -89,22 +89,51 @@ class ModelView:
 
 
 class InProcessInstance:
-    """The encoder in this process; batches run on its own thread, off the event loop."""
+    """The encoder in this process; batches run on its own thread, off the event loop.
 
-    def __init__(self, name: str, encoder: BiFusionEncoder):
+    ``on_change`` is called (on the event loop) when the instance stalls or recovers.
+    """
+
+    def __init__(self, name: str, encoder: BiFusionEncoder, on_change: Callable[[], None] = lambda: None):
         self.name = name
         self.encoder = encoder
+        self._on_change = on_change
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"bifusion-model-{name}")
+        self._stalled_since: float | None = None
 
     @property
     def ready(self) -> bool:
-        return True
+        return self._stalled_since is None
 
     async def wait_ready(self) -> None:
-        return
+        return  # a stalled instance holds its worker in encode() until the batch returns
 
     async def encode(self, frames: Sequence[Frame], options: Sequence[EncodeOptions]) -> BatchOutput:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode, frames, options)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, self._encode, frames, options)
+        finally:
+            if self._stalled_since is not None:
+                log.warning(
+                    "model instance %s: the stalled batch returned after %.0f s; serving again",
+                    self.name,
+                    time.monotonic() - self._stalled_since,
+                )
+                self._stalled_since = None
+                self._on_change()
+
+    def stalled(self, seconds: float) -> None:
+        """The batch has run for ``seconds``. A thread cannot be stopped, so the instance reports
+        itself not ready until the batch returns: health turns NOT_SERVING, which takes the
+        server out of a load balancer's rotation and lets a liveness probe restart it."""
+        self._stalled_since = time.monotonic() - seconds
+        log.error(
+            "model instance %s has computed one batch for %.0f s (--stall-timeout); "
+            "health is NOT_SERVING until it returns",
+            self.name,
+            seconds,
+        )
+        self._on_change()
 
     def _encode(self, frames, options) -> BatchOutput:
         started = time.perf_counter()
@@ -157,6 +186,7 @@ class ProcessInstance:
         self._conn = None
         self._restarting: asyncio.Task | None = None
         self._stopping = False
+        self._stall: str | None = None  # why the child was killed, while it is being replaced
         self.info: ModelInfo | None = None
         self.computing: list[str] = []  # frame ids of the batch in the child now
         self.threads: dict[str, object] = {}  # the child's thread settings, as it reports them
@@ -190,6 +220,16 @@ class ProcessInstance:
         finally:
             self.computing = []
 
+    def stalled(self, seconds: float) -> None:
+        """The batch has run for ``seconds``: kill the child. Its frames fail with
+        :class:`InstanceLost` and the exit watcher starts a new one, as after a crash."""
+        process = self._process
+        if process is None or process.exitcode is not None:
+            return
+        self._stall = f"stalled (no result in {seconds:.0f} s, --stall-timeout) and was killed"
+        log.error("model instance %s (pid %d) %s", self.name, process.pid, self._stall)
+        process.kill()
+
     async def stop(self) -> None:
         self._stopping = True
         self._ready.clear()
@@ -214,7 +254,7 @@ class ProcessInstance:
         with _child_environment(self._spec.threads):
             process.start()
         child_end.close()
-        self._process, self._conn = process, parent_end
+        self._process, self._conn, self._stall = process, parent_end, None
         try:
             reply = self._receive()
         except InstanceLost as lost:
@@ -289,14 +329,13 @@ class ProcessInstance:
                     pass
             process.join(STOP_GRACE_S)
             if process.exitcode is not None:
-                raise InstanceLost(f"model instance {self.name} died (exit code {process.exitcode})")
+                raise InstanceLost(f"model instance {self.name} {self._end(process)}")
 
     # On the event loop ---------------------------------------------------------------
     def _became_ready(self) -> None:
         process = self._process
         asyncio.get_running_loop().add_reader(process.sentinel, self._exited, process)
         self._ready.set()
-        self._metrics.instance_up.labels(self.name).set(1)
         self._on_change()
 
     def _exited(self, process) -> None:
@@ -304,14 +343,8 @@ class ProcessInstance:
         if self._stopping:
             return
         process.join(0)
-        log.error(
-            "model instance %s (pid %d) died with exit code %s; restarting it",
-            self.name,
-            process.pid,
-            process.exitcode,
-        )
+        log.error("model instance %s (pid %d) %s; restarting it", self.name, process.pid, self._end(process))
         self._ready.clear()
-        self._metrics.instance_up.labels(self.name).set(0)
         self._on_change()
         self._restarting = asyncio.get_running_loop().create_task(self._restart())
 
@@ -329,6 +362,9 @@ class ProcessInstance:
             self._metrics.instance_restarts.labels(self.name).inc()
             self._became_ready()
             return
+
+    def _end(self, process) -> str:
+        return self._stall or f"died (exit code {process.exitcode})"
 
 
 def _reap(process) -> None:

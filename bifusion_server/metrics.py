@@ -92,6 +92,13 @@ class ServerMetrics:
             (INSTANCE_LABEL,),
             registry=registry,
         )
+        self.instance_stalls = Counter(
+            "bifusion_instance_stalls",
+            "Batches that ran past --stall-timeout (a process instance is killed, an in-process "
+            "one reports NOT_SERVING until the batch returns)",
+            (INSTANCE_LABEL,),
+            registry=registry,
+        )
         self.dropped = Counter(
             "bifusion_requests_dropped",
             "Frames taken off the queue without reaching the model, by reason",
@@ -146,7 +153,13 @@ class ServerMetrics:
                 self.stage_duration.labels(stage, name)
             for metric in (self.compute_duration, self.batch_size, self.batch_failures):
                 metric.labels(name)
-            for metric in (self.instance_up, self.instance_restarts, self.gpu_allocated, self.gpu_reserved):
+            for metric in (
+                self.instance_up,
+                self.instance_restarts,
+                self.instance_stalls,
+                self.gpu_allocated,
+                self.gpu_reserved,
+            ):
                 metric.labels(name)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)

@@ -124,6 +124,48 @@ def test_a_killed_instance_fails_only_its_frames_and_comes_back(two_instances, t
         ).num_points
 
 
+def test_a_stalled_instance_is_killed_and_replaced(two_instances, tum_folder_frames, monkeypatch):
+    """A child that stops answering (SIGSTOP: a hung kernel, as the server sees it) is killed
+    once its batch passes the stall timeout; only its frames fail, and it comes back."""
+    live = two_instances
+    instances = live.server.instances
+    wait_until(lambda: all(i.ready for i in instances), timeout=240, what="both instances up")
+    monkeypatch.setattr(live.server.batcher, "stall_timeout_s", 6.0)
+    victim = instances[1]
+    old_pid = victim.pid
+    stalls = live.metric("bifusion_instance_stalls_total", model_instance="1")
+    restarts = live.metric("bifusion_instance_restarts_total", model_instance="1")
+    unavailable = live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE") or 0
+    requests = [request_from_folder_frame(f, max_points=3000) for f in tum_folder_frames]
+    with BiFusionClient(live.address) as client, ThreadPoolExecutor(6) as pool:
+        futures = {}
+        for i in range(6):
+            request = requests[i % len(requests)]
+            request.frame_id = f"s{i}"
+            futures[request.frame_id] = pool.submit(client.encode_request, request, 300)
+        doomed = wait_until(lambda: list(victim.computing), timeout=120, what="a batch on instance 1")
+        os.kill(old_pid, signal.SIGSTOP)
+        codes = {}
+        for frame_id, future in futures.items():
+            try:
+                codes[frame_id] = (future.result().frame_id == frame_id) and grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                codes[frame_id] = error.code()
+                assert "model instance 1 stalled" in error.details()
+    assert {f for f, code in codes.items() if code == grpc.StatusCode.UNAVAILABLE} == set(doomed)
+    assert {f for f, code in codes.items() if code == grpc.StatusCode.OK} == set(futures) - set(doomed)
+    wait_until(lambda: victim.ready, timeout=240, what="instance 1 to restart")
+    assert victim.pid != old_pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(old_pid, 0)  # killed and reaped, not left stopped
+    assert live.metric("bifusion_instance_stalls_total", model_instance="1") == stalls + 1
+    assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 0
+    assert live.metric("bifusion_instance_restarts_total", model_instance="1") == restarts + 1
+    assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE") == unavailable + len(
+        doomed
+    )
+
+
 def test_sigterm_drains_through_instance_processes_and_leaves_nothing_behind(tum_folder_frames):
     flags = ("--device", "cpu", "--instances", "2", "--warmup-frames", "0", "--max-batch-size", "1")
     with server_process(*flags, "--drain-seconds", "120") as live:

@@ -60,6 +60,34 @@ def test_health_reports_serving_only_after_warm_up(encoder, tum_folder_frames):
         spy.gate.set()
 
 
+def test_a_stalled_batch_turns_health_not_serving_until_it_returns(encoder, tum_folder_frames):
+    """The model in the server process cannot be stopped: past the stall timeout the server
+    leaves the load balancer (and a liveness probe's good books) until the batch returns."""
+    spy = ModelSpy(encoder)
+    request = request_from_folder_frame(tum_folder_frames[0], max_points=500)
+    with running_server(spy, stall_timeout_seconds=3) as live, BiFusionClient(live.address) as client:
+        assert client.encode_request(request, timeout=120).num_points == 500  # well inside the timeout
+        assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 0
+        spy.gate.clear()
+        spy.entered.clear()
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(client.encode_request, request, 120)
+            assert spy.entered.wait(30)
+            wait_until(lambda: health_of(live) == {"NOT_SERVING"}, what="NOT_SERVING")
+            assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 1
+            assert live.metric("bifusion_instance_up", model_instance="0") == 0
+            assert live.metric("bifusion_ready") == 0
+            spy.gate.set()
+            assert held.result().num_points == 500  # the stalled batch's frame is still answered
+        wait_until(lambda: health_of(live) == {"SERVING"}, what="SERVING again")
+        assert live.metric("bifusion_instance_up", model_instance="0") == 1
+        assert client.encode_request(request, timeout=120).num_points == 500
+
+
+def health_of(live) -> set[str]:
+    return {health_status(live.address, name) for name in HEALTH_NAMES}
+
+
 def test_reflection_lists_the_service_and_a_call_through_it_works(encoder, tum_folder_frames):
     """Message classes come from the reflected descriptors only, as grpcurl would build them."""
     frame = tum_folder_frames[0]

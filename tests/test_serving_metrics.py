@@ -34,6 +34,7 @@ DOCUMENTED = {  # name: (type, labels)
     "bifusion_batch_failures": ("counter", {"model_instance"}),
     "bifusion_instance_up": ("gauge", {"model_instance"}),
     "bifusion_instance_restarts": ("counter", {"model_instance"}),
+    "bifusion_instance_stalls": ("counter", {"model_instance"}),
     "bifusion_requests_dropped": ("counter", {"reason"}),
     "bifusion_points_per_frame": ("histogram", set()),
     "bifusion_request_bytes": ("histogram", set()),
