@@ -47,14 +47,18 @@ class _Buffer:
 class PinnedPool:
     """Pinned byte buffers handed out for one use and taken back when no longer busy.
 
-    Thread-safe. Free buffers too small for a request are dropped when a bigger one is
-    allocated, so the pool holds about one buffer per result still alive, plus one.
+    Thread-safe. Allocating pinned memory costs about 0.5 ms per MB on an H200, 25 times the
+    copy into it (docs/benchmarks.md), and freeing it stalls the device, so every new buffer is at least as big as the biggest so far: served batch
+    sizes go up and down with the load, and after the biggest batch every buffer fits every
+    batch. Free buffers too small for a request are dropped when a bigger one is allocated,
+    so the pool holds about one buffer per result still alive, plus one.
     """
 
     allocate: Callable[[int], torch.Tensor] = lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)
     buffers: list[_Buffer] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     allocations: int = 0  # how many host allocations (cudaHostAlloc) the pool has made
+    peak: int = 0  # bytes of the biggest buffer allocated
 
     def acquire(self, nbytes: int) -> _Buffer:
         with self.lock:
@@ -64,9 +68,9 @@ class PinnedPool:
                 buf.event, buf.owner, buf.claimed = None, None, True
                 return buf
             self.buffers = [b for b in self.buffers if b.busy()]  # the free ones are all too small
-            # Grow by a quarter beyond the need so slowly growing batches do not
-            # allocate every call.
-            size = _aligned(max(nbytes + nbytes // 4, ALIGN))
+            # A quarter beyond the need so slowly growing batches do not allocate every call.
+            size = max(_aligned(max(nbytes + nbytes // 4, ALIGN)), self.peak)
+            self.peak = size
             buf = _Buffer(self.allocate(size))
             self.allocations += 1
             self.buffers.append(buf)

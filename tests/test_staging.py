@@ -70,6 +70,23 @@ def test_pool_reuses_a_buffer_once_no_result_views_it():
     assert len(pool.buffers) == 3
 
 
+def test_pool_stops_allocating_once_it_has_seen_the_biggest_batch(rng):
+    """Served batches go up and down with the load while earlier results are still being
+    sent: after the biggest batch has come once, every buffer fits every batch."""
+    pool = PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    frame_bytes = 20_000 * (256 * 4 + 13)
+    held = []  # the results of the last two batches are still being serialised
+    for step, batch_size in enumerate([1, 2, 4, 16, *rng.integers(1, 17, 300)]):
+        buf = pool.acquire(int(batch_size) * frame_bytes)
+        owner = buf.tensor.numpy()
+        buf.release(owner=weakref.ref(owner))
+        held = [*held[-1:], owner]
+        if step == 3:
+            after_biggest = pool.allocations
+    assert pool.allocations <= after_biggest + 2  # the buffers the overlap needs, then none
+    assert len(pool.buffers) <= 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_encodes_reuse_pinned_buffers_and_held_results_stay_intact(tum_frames):
