@@ -152,6 +152,22 @@ def test_int8_uses_the_full_range_per_point(results):
     assert (np.abs(values).max(axis=1) == 127).all()
 
 
+def test_float16_is_bitwise_numpys_own_cast(results):
+    """Converted by torch for speed, but the same bits as numpy's float16 cast, specials and
+    ties (1 + 2^-11 rounds to even) and overflow (70000 -> inf) included."""
+    result = results[0]
+    features = result.features.copy()
+    features[0, :6] = [np.nan, np.inf, -np.inf, 1.00048828125, 70000.0, 6e-8]
+    result = dataclasses.replace(result, features=features)
+    message = pb.EncodeFrameResponse.FromString(
+        serialise_inline(_head(result), response_outputs(result, "float16"))
+    )
+    bits = np.frombuffer(message.features.data, np.uint16).reshape(features.shape)
+    with np.errstate(over="ignore"):
+        expected = features.astype(np.float16)
+    np.testing.assert_array_equal(bits, expected.view(np.uint16))
+
+
 def test_bfloat16_is_rounded_to_nearest_even_and_widened_exactly(results):
     result = results[0]
     features = result.features.copy()
