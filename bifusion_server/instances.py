@@ -128,7 +128,7 @@ class InProcessInstance:
         server out of a load balancer's rotation and lets a liveness probe restart it."""
         self._stalled_since = time.monotonic() - seconds
         log.error(
-            "model instance %s has computed one batch for %.0f s (--stall-timeout); "
+            "model instance %s has computed one batch for %.0f s (--stall-timeout-seconds); "
             "health is NOT_SERVING until it returns",
             self.name,
             seconds,
@@ -226,7 +226,7 @@ class ProcessInstance:
         process = self._process
         if process is None or process.exitcode is not None:
             return
-        self._stall = f"stalled (no result in {seconds:.0f} s, --stall-timeout) and was killed"
+        self._stall = f"stalled (no result in {seconds:.0f} s, --stall-timeout-seconds) and was killed"
         log.error("model instance %s (pid %d) %s", self.name, process.pid, self._stall)
         process.kill()
 

@@ -94,7 +94,7 @@ class ServerMetrics:
         )
         self.instance_stalls = Counter(
             "bifusion_instance_stalls",
-            "Batches that ran past --stall-timeout (a process instance is killed, an in-process "
+            "Batches that ran past --stall-timeout-seconds (a process instance is killed, an in-process "
             "one reports NOT_SERVING until the batch returns)",
             (INSTANCE_LABEL,),
             registry=registry,

@@ -183,6 +183,16 @@ def reference_response(head: pb.EncodeFrameResponse, result: FrameResult, output
     return response.SerializeToString()
 
 
+def without_padding(message: bytes) -> pb.EncodeFrameResponse:
+    """A response parsed, its tensors' alignment padding dropped: what ``serialise_inline``'s
+    bytes and ``reference_response``'s have in common."""
+    response = pb.EncodeFrameResponse.FromString(message)
+    for field, _ in response.ListFields():
+        if field.message_type is pb.Tensor.DESCRIPTOR:
+            getattr(response, field.name).ClearField("padding")
+    return response
+
+
 def model_info_message(
     info: ModelInfo,
     max_batch_size: int,
