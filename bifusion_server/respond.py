@@ -70,7 +70,7 @@ def response_outputs(result: FrameResult, output_dtype: str) -> list[Output]:
     outputs = []
     if output_dtype == "int8":
         scale = int8_scales(features)
-        outputs.append(Output("features", "int8", features.shape, _chunked(features, _quantiser(scale))))
+        outputs.append(Output("features", "int8", features.shape, _quantiser(features, scale)))
         outputs.append(Output("features_scale", "float32", scale.shape, _copier(scale)))
     elif output_dtype in ("float16", "bfloat16"):
         outputs.append(Output("features", output_dtype, features.shape, _half_copier(features)))
@@ -87,17 +87,25 @@ def int8_scales(features: np.ndarray) -> np.ndarray:
     """Per point: max|x| / 127, so the largest component maps to ±127 (0 for an all-zero row)."""
     if not len(features):
         return np.zeros(0, np.float32)
-    return (np.abs(features).max(axis=1) / INT8_MAX).astype(np.float32)
+    values = torch.from_numpy(features)  # max|x| as max(max x, -min x): no |x| temporary
+    return (torch.maximum(values.amax(dim=1), -values.amin(dim=1)) / INT8_MAX).numpy()
 
 
-def quantise_int8(features: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Symmetric int8: round(x / scale), within ±127 by construction of ``scale``."""
+def _quantiser(features: np.ndarray, scale: np.ndarray) -> Callable[[np.ndarray], None]:
+    """Symmetric int8: round(x / scale) (half to even), within ±127 by construction of ``scale``;
+    by torch a block of rows at a time (three times numpy's speed, the same bits)."""
     inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    return np.rint(features * inverse[:, None]).astype(np.int8)
 
+    def fill(dest: np.ndarray) -> None:
+        rows, out, values = torch.from_numpy(inverse), torch.from_numpy(dest), torch.from_numpy(features)
+        scaled = torch.empty((min(CHUNK_ROWS, len(features)), features.shape[1]))
+        for start in range(0, len(features), CHUNK_ROWS):
+            block = slice(start, start + CHUNK_ROWS)
+            step = scaled[: len(values[block])]
+            torch.mul(values[block], rows[block, None], out=step).round_()
+            out[block].copy_(step)
 
-def _quantiser(scale: np.ndarray) -> Callable[[np.ndarray, slice], np.ndarray]:
-    return lambda rows, where: quantise_int8(rows, scale[where])
+    return fill
 
 
 def _copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
@@ -115,17 +123,6 @@ def _half_copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
         else:  # bfloat16 bit patterns
             target = torch.from_numpy(dest.view(np.int16)).view(torch.bfloat16)
         target.copy_(torch.from_numpy(array))
-
-    return fill
-
-
-def _chunked(array: np.ndarray, convert: Callable[[np.ndarray, slice], np.ndarray]) -> Callable:
-    """Converts ``array`` a block of rows at a time (``convert(rows, which)``) into the destination."""
-
-    def fill(dest: np.ndarray) -> None:
-        for start in range(0, len(array), CHUNK_ROWS):
-            where = slice(start, start + CHUNK_ROWS)
-            dest[where] = convert(array[where], where)
 
     return fill
 

@@ -150,6 +150,9 @@ def test_int8_uses_the_full_range_per_point(results):
     )
     values = np.frombuffer(message.features.data, np.int8).reshape(-1, 256)
     assert (np.abs(values).max(axis=1) == 127).all()
+    # Bitwise numpy's own arithmetic: float32 x * (1 / scale), rounded half to even.
+    scale = parsed.features_scale
+    np.testing.assert_array_equal(values, np.rint(result.features * (1 / scale)[:, None]).astype(np.int8))
 
 
 def test_float16_is_bitwise_numpys_own_cast(results):
