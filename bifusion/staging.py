@@ -47,11 +47,12 @@ class _Buffer:
 class PinnedPool:
     """Pinned byte buffers handed out for one use and taken back when no longer busy.
 
-    Thread-safe. Allocating pinned memory costs about 0.5 ms per MB on an H200, 25 times the
-    copy into it (docs/benchmarks.md), and freeing it stalls the device, so every new buffer is at least as big as the biggest so far: served batch
-    sizes go up and down with the load, and after the biggest batch every buffer fits every
-    batch. Free buffers too small for a request are dropped when a bigger one is allocated,
-    so the pool holds about one buffer per result still alive, plus one.
+    Thread-safe. Allocating pinned memory costs about 0.5 ms per MB on an H200, ten times the
+    copy into it (docs/benchmarks.md), and freeing it stalls the device, so every new buffer
+    is at least as big as the biggest so far: served batch sizes go up and down with the
+    load, and after the biggest batch every buffer fits every batch. Free buffers too small
+    for a request are dropped when a bigger one is allocated, so the pool holds about one
+    buffer per result still alive, plus one.
     """
 
     allocate: Callable[[int], torch.Tensor] = lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)

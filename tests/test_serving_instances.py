@@ -21,7 +21,6 @@ from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
 from bifusion_server.instances import cores
 from bifusion_server.shm import SegmentPool, pack, unpack
-from bifusion_wire import encoder_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -82,46 +81,50 @@ def test_served_results_match_the_in_process_encoder(two_instances, encoder, tum
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
+def fail_an_instance_mid_batch(live, victim, requests, signum: int, reason: str) -> tuple[set, set]:
+    """Six frames in flight; ``signum`` goes to ``victim``'s process while it computes a batch.
+    Checks that exactly that batch's frames failed, with UNAVAILABLE naming ``reason``, and
+    returns (the failed frame ids, the served ones)."""
+    with BiFusionClient(live.address) as client, ThreadPoolExecutor(6) as pool:
+        futures = {}
+        for i in range(6):
+            request = requests[i % len(requests)]
+            request.frame_id = f"{signum}-{i}"
+            futures[request.frame_id] = pool.submit(client.encode_request, request, 300)
+        busy = f"a batch on instance {victim.name}"
+        doomed = wait_until(lambda: set(victim.computing), timeout=120, what=busy)
+        os.kill(victim.pid, signum)
+        failed, served = set(), set()
+        for frame_id, future in futures.items():
+            try:
+                assert future.result().frame_id == frame_id
+                served.add(frame_id)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                assert reason in error.details()
+                failed.add(frame_id)
+    assert failed == doomed and served == set(futures) - doomed
+    return failed, served
+
+
 def test_a_killed_instance_fails_only_its_frames_and_comes_back(two_instances, tum_folder_frames):
     live = two_instances
     victim = live.server.instances[0]
     old_pid = victim.pid
     requests = [request_from_folder_frame(f, max_points=10_000) for f in tum_folder_frames]
-    with grpc.insecure_channel(
-        live.address, options=[("grpc.max_receive_message_length", 1 << 28)]
-    ) as channel:
-        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
-        futures = {}
-        for i in range(6):
-            request = requests[i % len(requests)]
-            request.frame_id = f"f{i}"
-            futures[request.frame_id] = stub.EncodeFrame.future(request, timeout=300)
-        doomed = wait_until(lambda: list(victim.computing), timeout=120, what="a batch on instance 0")
-        os.kill(old_pid, signal.SIGKILL)
-        codes = {}
-        for frame_id, future in futures.items():
-            try:
-                codes[frame_id] = (future.result().frame_id == frame_id) and grpc.StatusCode.OK
-            except grpc.RpcError as error:
-                codes[frame_id] = error.code()
-                assert "model instance 0" in error.details()
-        assert {f for f, code in codes.items() if code == grpc.StatusCode.UNAVAILABLE} == set(doomed)
-        assert {f for f, code in codes.items() if code == grpc.StatusCode.OK} == set(futures) - set(doomed)
+    doomed, _ = fail_an_instance_mid_batch(live, victim, requests, signal.SIGKILL, "model instance 0 died")
+    with BiFusionClient(live.address) as client:
         # The other instance keeps serving while the dead one restarts; health stays SERVING.
         assert health_status(live.address) == "SERVING"
-        served = stub.EncodeFrame(
-            request_from_folder_frame(tum_folder_frames[0], max_points=500), timeout=300
-        )
-        assert served.stats.num_points == 500
+        served = client.encode_request(request_from_folder_frame(tum_folder_frames[0], max_points=500), 300)
+        assert served.num_points == 500
         wait_until(lambda: victim.ready, timeout=240, what="instance 0 to restart")
-    assert victim.pid != old_pid
-    assert live.metric("bifusion_instance_restarts_total", model_instance="0") == 1
-    assert live.metric("bifusion_instance_up", model_instance="0") == 1
-    assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE") == len(doomed)
-    with BiFusionClient(live.address) as client:
-        assert client.encode_request(
-            request_from_folder_frame(tum_folder_frames[1], max_points=500)
-        ).num_points
+        assert victim.pid != old_pid
+        assert live.metric("bifusion_instance_restarts_total", model_instance="0") == 1
+        assert live.metric("bifusion_instance_up", model_instance="0") == 1
+        assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE") == len(doomed)
+        after = client.encode_request(request_from_folder_frame(tum_folder_frames[1], max_points=500))
+        assert after.num_points == 500
 
 
 def test_a_stalled_instance_is_killed_and_replaced(two_instances, tum_folder_frames, monkeypatch):
@@ -137,23 +140,7 @@ def test_a_stalled_instance_is_killed_and_replaced(two_instances, tum_folder_fra
     restarts = live.metric("bifusion_instance_restarts_total", model_instance="1")
     unavailable = live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE") or 0
     requests = [request_from_folder_frame(f, max_points=3000) for f in tum_folder_frames]
-    with BiFusionClient(live.address) as client, ThreadPoolExecutor(6) as pool:
-        futures = {}
-        for i in range(6):
-            request = requests[i % len(requests)]
-            request.frame_id = f"s{i}"
-            futures[request.frame_id] = pool.submit(client.encode_request, request, 300)
-        doomed = wait_until(lambda: list(victim.computing), timeout=120, what="a batch on instance 1")
-        os.kill(old_pid, signal.SIGSTOP)
-        codes = {}
-        for frame_id, future in futures.items():
-            try:
-                codes[frame_id] = (future.result().frame_id == frame_id) and grpc.StatusCode.OK
-            except grpc.RpcError as error:
-                codes[frame_id] = error.code()
-                assert "model instance 1 stalled" in error.details()
-    assert {f for f, code in codes.items() if code == grpc.StatusCode.UNAVAILABLE} == set(doomed)
-    assert {f for f, code in codes.items() if code == grpc.StatusCode.OK} == set(futures) - set(doomed)
+    doomed, _ = fail_an_instance_mid_batch(live, victim, requests, signal.SIGSTOP, "model instance 1 stalled")
     wait_until(lambda: victim.ready, timeout=240, what="instance 1 to restart")
     assert victim.pid != old_pid
     with pytest.raises(ProcessLookupError):
@@ -161,9 +148,8 @@ def test_a_stalled_instance_is_killed_and_replaced(two_instances, tum_folder_fra
     assert live.metric("bifusion_instance_stalls_total", model_instance="1") == stalls + 1
     assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 0
     assert live.metric("bifusion_instance_restarts_total", model_instance="1") == restarts + 1
-    assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE") == unavailable + len(
-        doomed
-    )
+    unavailable_now = live.metric("bifusion_requests_total", rpc="EncodeFrame", code="UNAVAILABLE")
+    assert unavailable_now == unavailable + len(doomed)
 
 
 def test_sigterm_drains_through_instance_processes_and_leaves_nothing_behind(tum_folder_frames):
