@@ -53,12 +53,14 @@ DOCUMENTED = {  # name: (type, labels)
 @dataclasses.dataclass
 class Traffic:
     live: object
-    results: list  # in the order the model encoded them
+    results: list  # in the order sent; the last one is also the model's last
 
 
 @pytest.fixture(scope="module")
 def traffic(encoder, tum_folder_frames):
-    """3 unary frames (one with client points, so not every point is valid) and a stream of 2."""
+    """3 unary frames (one with client points, so not every point is valid), a stream of 2, then
+    one more unary frame: the stream's frames decode in parallel and may reach the model in
+    either order, the last frame is the model's last for sure (the ``*_last`` gauges)."""
     rng = np.random.default_rng(1)
     xyz = rng.uniform((-1.5, -1.5, 0.3), (1.5, 1.5, 3.0), size=(400, 3)).astype(np.float32)
     with running_server(encoder) as live, BiFusionClient(live.address) as client:
@@ -72,6 +74,7 @@ def traffic(encoder, tum_folder_frames):
         results.append(client.encode_request(request_from_folder_frame(f[2], max_points=1200, float16=True)))
         stream = [request_from_folder_frame(frame, max_points=600) for frame in f[3:5]]
         results.extend(client.encode_stream(stream))
+        results.append(client.encode_request(request_from_folder_frame(f[1], max_points=700)))
         yield Traffic(live, results)
 
 
@@ -133,7 +136,7 @@ def test_counts_and_sizes_match_the_traffic(traffic):
     assert metric("bifusion_points_per_frame_sum") == sum(r.num_points for r in results)
     assert metric("bifusion_response_bytes_sum") == sum(r.wire_bytes for r in results)
     assert metric("bifusion_request_bytes_count") == len(results)
-    assert metric("bifusion_requests_total", rpc="EncodeFrame", code="OK") == 3
+    assert metric("bifusion_requests_total", rpc="EncodeFrame", code="OK") == 4
     assert metric("bifusion_requests_total", rpc="EncodeStream", code="OK") == 1
     for name in ("queue_wait_seconds", "decode_duration_seconds", "encode_duration_seconds"):
         assert metric(f"bifusion_{name}_count") == len(results), name
