@@ -93,7 +93,7 @@ def int8_scales(features: np.ndarray) -> np.ndarray:
 
 def _quantiser(features: np.ndarray, scale: np.ndarray) -> Callable[[np.ndarray], None]:
     """Symmetric int8: round(x / scale) (half to even), within ±127 by construction of ``scale``;
-    by torch a block of rows at a time (three times numpy's speed, the same bits)."""
+    by torch a block of rows at a time (about four times numpy's speed, the same bits)."""
     inverse = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
 
     def fill(dest: np.ndarray) -> None:
@@ -115,7 +115,7 @@ def _copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
 def _half_copier(array: np.ndarray) -> Callable[[np.ndarray], None]:
     """float32 -> float16, or bfloat16 bit patterns (uint16 storage), in one vectorised pass:
     torch rounds to nearest even and keeps NaN and ±inf, as numpy does for float16, about ten
-    times faster than numpy's float16 cast (11 ms for a 20 000-point frame on this CPU)."""
+    times faster than numpy's float16 cast (11 ms for a 20 000-point frame on a 2-core Xeon)."""
 
     def fill(dest: np.ndarray) -> None:
         if dest.dtype == np.float16:
