@@ -142,6 +142,11 @@ class BiFusionServer:
         )
         self._loading = asyncio.create_task(self._load_and_warm_up(), name="bifusion-load")
 
+    @property
+    def stuck(self) -> bool:
+        """Whether a model batch is stuck past the stall timeout in this process."""
+        return any(instance.stuck for instance in self.instances)
+
     async def wait_ready(self) -> None:
         """Returns once SERVING; raises what loading or warm-up raised."""
         await asyncio.shield(self._loading)

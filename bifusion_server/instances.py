@@ -105,22 +105,31 @@ class InProcessInstance:
     def ready(self) -> bool:
         return self._stalled_since is None
 
+    @property
+    def stuck(self) -> bool:
+        """A batch is past the stall timeout: its thread cannot be stopped or waited for."""
+        return self._stalled_since is not None
+
     async def wait_ready(self) -> None:
         return  # a stalled instance holds its worker in encode() until the batch returns
 
     async def encode(self, frames: Sequence[Frame], options: Sequence[EncodeOptions]) -> BatchOutput:
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._thread, self._encode, frames, options)
-        finally:
-            if self._stalled_since is not None:
-                log.warning(
-                    "model instance %s: the stalled batch returned after %.0f s; serving again",
-                    self.name,
-                    time.monotonic() - self._stalled_since,
-                )
-                self._stalled_since = None
-                self._on_change()
+        call = self._thread.submit(self._encode, frames, options)
+        # When the model returns, not when this await ends: a cancelled await (the batcher
+        # closing) leaves a stuck batch stuck.
+        call.add_done_callback(lambda _: _call_soon(loop, self._returned))
+        return await asyncio.wrap_future(call)
+
+    def _returned(self) -> None:
+        if self._stalled_since is not None:
+            log.warning(
+                "model instance %s: the stalled batch returned after %.0f s; serving again",
+                self.name,
+                time.monotonic() - self._stalled_since,
+            )
+            self._stalled_since = None
+            self._on_change()
 
     def stalled(self, seconds: float) -> None:
         """The batch has run for ``seconds``. A thread cannot be stopped, so the instance reports
@@ -194,6 +203,10 @@ class ProcessInstance:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def stuck(self) -> bool:
+        return False  # a stalled child is killed
 
     @property
     def pid(self) -> int | None:
@@ -365,6 +378,12 @@ class ProcessInstance:
 
     def _end(self, process) -> str:
         return self._stall or f"died (exit code {process.exitcode})"
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """``callback`` on ``loop`` from another thread, unless the loop is gone (shut down)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 def _reap(process) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,11 @@ async def run(config: ServerConfig) -> int:
     log.info("signal received: draining (up to %.0f s)", config.drain_seconds)
     await server.drain()
     loading.cancel()
+    if server.stuck:
+        # The model's thread cannot be stopped, and Python waits for it at exit: for ever.
+        log.error("exiting with a model batch still stuck (past --stall-timeout-seconds)")
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 

@@ -174,13 +174,17 @@ def running_server(encoder=None, wait_ready: bool = True, **config) -> Iterator[
 
 @contextlib.contextmanager
 def server_process(
-    *flags: str, env: dict[str, str] | None = None, wait_ready: bool = True
+    *flags: str,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    launcher: tuple[str, ...] = ("-m", "bifusion_server"),
 ) -> Iterator[LiveServer]:
-    """``python -m bifusion_server`` on free ports with ``flags``; SIGTERM (then SIGKILL) at exit."""
+    """``python -m bifusion_server`` (or ``python *launcher``) on free ports with ``flags``;
+    SIGTERM (then SIGKILL) at exit."""
     port, metrics_port = free_port(), free_port()
     with tempfile.NamedTemporaryFile(prefix="bifusion-server-", suffix=".log", delete=False) as log_file:
         command = [
-            sys.executable, "-m", "bifusion_server",
+            sys.executable, *launcher,
             "--host", LOOPBACK, "--port", str(port), "--metrics-port", str(metrics_port), *flags,
         ]  # fmt: skip
         process = subprocess.Popen(

@@ -84,6 +84,44 @@ def test_a_stalled_batch_turns_health_not_serving_until_it_returns(encoder, tum_
         assert client.encode_request(request, timeout=120).num_points == 500
 
 
+# The real server, with a model call that never returns for the frame "hang" (a hung kernel).
+HANGING_MODEL = """
+import sys, threading
+import bifusion
+
+encode = bifusion.BiFusionEncoder.encode
+
+def hanging(self, frames, *args, **kwargs):
+    if any(frame.frame_id == "hang" for frame in frames):
+        threading.Event().wait()
+    return encode(self, frames, *args, **kwargs)
+
+bifusion.BiFusionEncoder.encode = hanging
+from bifusion_server.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_with_a_stuck_model_exits_instead_of_waiting_for_ever(tum_folder_frames):
+    """Python waits for every worker thread at exit; a model thread that never returns would
+    keep a drained server alive until something kills it."""
+    flags = ("--device", "cpu", "--warmup-frames", "0", "--stall-timeout-seconds", "2")
+    flags += ("--drain-seconds", "3")
+    with server_process(*flags, launcher=("-c", HANGING_MODEL)) as live:
+        request = request_from_folder_frame(tum_folder_frames[0], max_points=500)
+        request.frame_id = "hang"
+        with BiFusionClient(live.address) as client, ThreadPoolExecutor(1) as pool:
+            held = pool.submit(client.encode_request, request, 120)
+            wait_until(lambda: health_of(live) == {"NOT_SERVING"}, timeout=60, what="the stall")
+            started = time.monotonic()
+            live.process.send_signal(signal.SIGTERM)
+            assert live.process.wait(60) == 1
+            assert time.monotonic() - started < 30  # the drain, not the stuck batch
+            with pytest.raises(grpc.RpcError):
+                held.result()
+        assert "exiting with a model batch still stuck" in live.log_text()
+
+
 def health_of(live) -> set[str]:
     return {health_status(live.address, name) for name in HEALTH_NAMES}
 
