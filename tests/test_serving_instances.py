@@ -133,7 +133,7 @@ def test_a_stalled_instance_is_killed_and_replaced(two_instances, tum_folder_fra
     live = two_instances
     instances = live.server.instances
     wait_until(lambda: all(i.ready for i in instances), timeout=240, what="both instances up")
-    monkeypatch.setattr(live.server.batcher, "stall_timeout_s", 6.0)
+    monkeypatch.setattr(live.server.batcher, "stall_timeout_s", 10.0)  # far above a real batch here
     victim = instances[1]
     old_pid = victim.pid
     stalls = live.metric("bifusion_instance_stalls_total", model_instance="1")
