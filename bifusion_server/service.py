@@ -380,8 +380,11 @@ class EncoderService:
         recorded = False
 
         def record(code: Code) -> None:
-            # Before an error status is sent, so a client that sees the status also sees it counted.
+            # Before an error status is sent, so a client that sees the status also sees it
+            # counted. Once only: a call leaves the in-flight count once, whatever raises later.
             nonlocal recorded
+            if recorded:
+                return
             recorded = True
             self._leave()
             seconds = time.perf_counter() - started
@@ -407,8 +410,7 @@ class EncoderService:
             record(Code.INTERNAL)
             await context.abort(Code.INTERNAL, "internal server error (details in the server log)")
         finally:
-            if not recorded:  # an error raised by the abort itself, or by recording
-                record(Code.INTERNAL)
+            record(Code.INTERNAL)  # a no-op unless something the excepts do not catch ended the call
 
     def _enter(self) -> None:
         self._inflight += 1
