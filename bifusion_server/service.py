@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -148,7 +149,8 @@ class EncoderService:
     # RPCs ---------------------------------------------------------------------------
     async def encode_frame(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def work() -> bytes:
-            return await self._process(self._accepting(), request, _deadline(context))
+            _, response = await self._process(self._accepting(), request, _deadline(context))
+            return response
 
         return await self._guarded("EncodeFrame", context, work)
 
@@ -157,10 +159,17 @@ class EncoderService:
             model = self._accepting()
             deadline = _deadline(context)
 
-            async def process(request: bytes) -> bytes:
-                return await self._process(model, request, deadline)
+            call = current_call.get()
 
-            stream = _OrderedStream(process, context.write, self._draining, self._stream_window)
+            async def process(request: bytes) -> tuple[str, bytes]:
+                return await self._process(model, request, deadline, names_call=False)
+
+            async def write(answered: tuple[str, bytes]) -> None:
+                # Frames decode in parallel: the call is named in stream order, as answered.
+                call.frame_id, response = answered
+                await context.write(response)
+
+            stream = _OrderedStream(process, write, self._draining, self._stream_window)
             await stream.run(requests)
 
         await self._guarded("EncodeStream", context, work)
@@ -225,24 +234,32 @@ class EncoderService:
             raise ServiceError(Code.UNAVAILABLE, "the model is loading; retry when health reports SERVING")
         return self._model
 
-    async def _process(self, model: Attached, request: bytes, deadline: float | None) -> bytes:
-        """One frame: decode and check it, have it encoded in a batch, serialise the response."""
+    async def _process(
+        self, model: Attached, request: bytes, deadline: float | None, names_call: bool = True
+    ) -> tuple[str, bytes]:
+        """One frame: decode and check it, have it encoded in a batch, serialise the response.
+
+        Returns the frame's id with the response. ``names_call`` puts the id on the call's
+        record as soon as it is parsed (so a cancelled call still names its frame).
+        """
         self._metrics.request_bytes.observe(len(request))
         call = current_call.get()
         call.add_request(len(request))
         prepared = await self._prepare(model.encoder, request)
-        call.frame_id = prepared.decoded.frame.frame_id
+        frame_id = prepared.decoded.frame.frame_id
+        if names_call:
+            call.frame_id = frame_id
         try:
             encoded = await self._compute(model, prepared, deadline)
             response = await self._in_pool(self._serialise, model, prepared, encoded)
         except ServiceError as error:
-            error.frame_id = prepared.decoded.frame.frame_id
+            error.frame_id = frame_id
             raise
         finally:
             self._release(prepared)
         self._metrics.response_bytes.observe(len(response))
         call.response_bytes += len(response)
-        return response
+        return frame_id, response
 
     async def _prepare(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
         """``_decode`` in the pool; a call cancelled meanwhile still gives its budget back."""
@@ -459,7 +476,10 @@ _END = object()  # the client half-closed the stream
 _DRAINED = object()  # the server began draining: read no more
 
 
-class _OrderedStream:
+Answered = TypeVar("Answered")
+
+
+class _OrderedStream(Generic[Answered]):
     """One EncodeStream call: a reader starts each frame's work, the caller writes in order.
 
     At most ``window`` frames of a stream are in flight; the reader waits for a free slot
@@ -470,8 +490,8 @@ class _OrderedStream:
 
     def __init__(
         self,
-        process: Callable[[bytes], Awaitable[bytes]],
-        write: Callable[[bytes], Awaitable[None]],
+        process: Callable[[bytes], Awaitable[Answered]],
+        write: Callable[[Answered], Awaitable[None]],
         draining: asyncio.Event,
         window: int,
     ):

@@ -62,7 +62,14 @@ def test_every_rpc_gets_one_line_with_its_facts(encoder, tum_folder_frames, capl
     good = request_from_folder_frame(tum_folder_frames[0], max_points=300)
     bad = request_from_folder_frame(tum_folder_frames[1], max_points=300, depth_format="raw")
     bad.depth.data = bad.depth.data[:10]
-    stream = [request_from_folder_frame(f, max_points=300) for f in tum_folder_frames[2:4]]
+    # The stream's last frame is raw and decodes well before the PNG one ahead of it: the
+    # call is still named after the frame answered last, not the one decoded last.
+    stream = [
+        request_from_folder_frame(tum_folder_frames[2], max_points=300),
+        request_from_folder_frame(
+            tum_folder_frames[3], max_points=300, color_format="raw", depth_format="raw"
+        ),
+    ]
     with (
         caplog.at_level(logging.INFO, logger=ACCESS_LOGGER),
         running_server(encoder) as live,
