@@ -52,7 +52,7 @@ def test_alert_rules_unit_tests():
 def loopback_config(metrics_port: int, prometheus_port: int) -> dict:
     """The shipped config with the encoder found on loopback instead of by compose DNS."""
     config = yaml.safe_load(CONFIG.read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["global"].update(scrape_interval="2s", scrape_timeout="2s", evaluation_interval="2s")
     config["rule_files"] = [str(RULES / "*.yml")]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     encoder = jobs["bifusion-encoder"]

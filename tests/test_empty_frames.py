@@ -98,11 +98,12 @@ def test_served_empty_frame_is_ok_alone_and_beside_a_good_one(live, tum_folder_f
         depth_format="raw",
     )
     good = request_from_folder_frame(tum_folder_frames[1], max_points=1000)
-    failures = live.metric("bifusion_batch_failures_total") or 0.0
+    failures = live.metric("bifusion_batch_failures_total", model_instance="0")
+    assert failures is not None
     with BiFusionClient(live.address) as client:
         result = client.encode_request(empty, timeout=60)
         assert result.num_points == 0 and result.features.shape == (0, 256)
         assert result.valid_ratio == 0.0 and result.gate_mean == 0.0
         streamed = list(client.encode_stream([empty, good, empty], timeout=120))
     assert [r.num_points for r in streamed] == [0, 1000, 0]
-    assert (live.metric("bifusion_batch_failures_total") or 0.0) == failures
+    assert live.metric("bifusion_batch_failures_total", model_instance="0") == failures

@@ -85,8 +85,8 @@ def test_an_active_connection_outlives_the_idle_limit(encoder):
     ):
         states = StateRecorder(channel)
         stream = silent_stream(encoder_pb2_grpc.BiFusionEncoderStub(channel))
-        time.sleep(2.5)
-        assert states.saw(grpc.ChannelConnectivity.READY)
+        wait_until(lambda: states.saw(grpc.ChannelConnectivity.READY), what="a connection")
+        time.sleep(2.5)  # well past the idle limit
         assert not states.saw(grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
         stream.cancel()
 

@@ -65,7 +65,7 @@ def test_a_stalled_batch_turns_health_not_serving_until_it_returns(encoder, tum_
     leaves the load balancer (and a liveness probe's good books) until the batch returns."""
     spy = ModelSpy(encoder)
     request = request_from_folder_frame(tum_folder_frames[0], max_points=500)
-    with running_server(spy, stall_timeout_seconds=3) as live, BiFusionClient(live.address) as client:
+    with running_server(spy, stall_timeout_seconds=10) as live, BiFusionClient(live.address) as client:
         assert client.encode_request(request, timeout=120).num_points == 500  # well inside the timeout
         assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 0
         spy.gate.clear()
@@ -120,6 +120,26 @@ def test_sigterm_with_a_stuck_model_exits_instead_of_waiting_for_ever(tum_folder
             with pytest.raises(grpc.RpcError):
                 held.result()
         assert "exiting with a model batch still stuck" in live.log_text()
+
+
+# The real server, with every model call but the warm-up's held until the file named by
+# BIFUSION_TEST_GATE exists: what is in flight stays in flight for as long as a test needs.
+GATED_MODEL = """
+import os, sys, time
+import bifusion
+
+encode = bifusion.BiFusionEncoder.encode
+gate = os.environ["BIFUSION_TEST_GATE"]
+
+def gated(self, frames, *args, **kwargs):
+    while not all(f.frame_id.startswith("warmup") for f in frames) and not os.path.exists(gate):
+        time.sleep(0.01)
+    return encode(self, frames, *args, **kwargs)
+
+bifusion.BiFusionEncoder.encode = gated
+from bifusion_server.main import main
+main(sys.argv[1:])
+"""
 
 
 def health_of(live) -> set[str]:
@@ -194,14 +214,18 @@ def test_drain_ends_an_idle_stream_promptly(encoder, tum_folder_frames):
         more.set()
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(encoder, tum_frames, tum_folder_frames):
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+    encoder, tum_frames, tum_folder_frames, tmp_path
+):
     max_points = 3000
     expected = {f.frame_id: encoder.encode([f], EncodeOptions(max_points=max_points))[0] for f in tum_frames}
-    with server_process("--max-batch-size", "1", "--warmup-frames", "1", "--drain-seconds", "120") as live:
+    gate = tmp_path / "gate"
+    flags = ("--max-batch-size", "1", "--warmup-frames", "1", "--drain-seconds", "120")
+    with server_process(*flags, launcher=("-c", GATED_MODEL), env={"BIFUSION_TEST_GATE": str(gate)}) as live:
         log = live.log_text()
         assert log.index("warm-up: 1 synthetic frames") < log.index("SERVING")
-        # Eight frames at batch size 1 keep the drain busy for seconds on CPU, time enough to
-        # watch health turn NOT_SERVING and a new request bounce while the old ones finish.
+        # Eight frames held at the model's gate: all in flight when SIGTERM comes, while health
+        # turns NOT_SERVING and a new request bounces; then they are let through.
         requests = [request_from_folder_frame(f, max_points=max_points) for f in tum_folder_frames * 2][:8]
         with ThreadPoolExecutor(len(requests)) as pool, BiFusionClient(live.address) as client:
             futures = [pool.submit(client.encode_request, r, 300) for r in requests]
@@ -215,10 +239,11 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(encoder, tum_fra
                 client.encode_request(requests[0], timeout=30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in caught.value.details()
+            gate.touch()
             results = [f.result() for f in futures]  # none lost
         for result in results:
             np.testing.assert_allclose(result.features, expected[result.frame_id].features, rtol=0, atol=1e-4)
         assert live.process.wait(60) == 0
         log = live.log_text()
-        assert int(re.search(r"draining: (\d+) requests in flight", log).group(1)) > 0
+        assert int(re.search(r"draining: (\d+) requests in flight", log).group(1)) == len(requests)
         assert "drained and stopped" in log

@@ -174,7 +174,7 @@ def test_a_real_prometheus_reads_gate_mean_and_valid_ratio(traffic, tmp_path):
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "global: {scrape_interval: 2s, scrape_timeout: 2s, evaluation_interval: 2s}\n"
         "scrape_configs:\n"
         f"  - job_name: bifusion\n    static_configs: [{{targets: ['{traffic.live.metrics_address}']}}]\n"
     )

@@ -41,18 +41,33 @@ def model_held_busy(spy, frame, **config):
         spy.gate.set()  # never leave a model call hanging
 
 
+def queue_in_order(live, stub, frame, names, timeout=120):
+    """Sends the frames one at a time, each queued before the next is sent, so that the queue
+    holds them in this order (frames sent together decode in parallel and queue in any order).
+    Returns their futures by name."""
+    futures, before = {}, live.server.batcher.queued
+    for queued, name in enumerate(names, start=before + 1):
+        futures[name] = stub.EncodeFrame.future(request(frame, name), timeout=timeout)
+        wait_until(lambda queued=queued: live.server.batcher.queued == queued, what=f"{name!r} to be queued")
+    return futures
+
+
 def test_expired_deadline_never_reaches_the_model(encoder, tum_folder_frames):
     spy, frame = ModelSpy(encoder), tum_folder_frames[0]
     with model_held_busy(spy, frame, max_batch_size=1) as (live, stub, busy):
+        late = stub.EncodeFrame.future(request(frame, "late"), timeout=2.0)
+        wait_until(lambda: live.server.batcher.queued == 1, what="'late' to be queued")
         with pytest.raises(grpc.RpcError) as caught:
-            stub.EncodeFrame(request(frame, "late"), timeout=0.5)
+            late.result()
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        spy.gate.set()
-        assert busy.result().frame_id == "busy"
+        # Taken off the queue while the model is still busy: it can never reach the model.
         wait_until(
             lambda: live.metric("bifusion_requests_dropped_total", reason="deadline") == 1, what="the drop"
         )
-        assert spy.seen == ["busy"]  # "late" was taken off the queue and dropped
+        assert live.server.batcher.queued == 0
+        spy.gate.set()
+        assert busy.result().frame_id == "busy"
+        assert spy.seen == ["busy"]
         assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="DEADLINE_EXCEEDED") == 1
         assert stub.EncodeFrame(request(frame, "after"), timeout=60).frame_id == "after"
 
@@ -63,11 +78,13 @@ def test_cancelled_call_never_reaches_the_model(encoder, tum_folder_frames):
         doomed = stub.EncodeFrame.future(request(frame, "doomed"), timeout=60)
         wait_until(lambda: live.server.batcher.queued == 1, what="'doomed' to be queued")
         assert doomed.cancel()
-        spy.gate.set()
-        busy.result()
+        # Taken off the queue while the model is still busy: it can never reach the model.
         wait_until(
             lambda: live.metric("bifusion_requests_dropped_total", reason="cancelled") == 1, what="the drop"
         )
+        assert live.server.batcher.queued == 0
+        spy.gate.set()
+        busy.result()
         assert spy.seen == ["busy"]
 
 
@@ -90,7 +107,8 @@ def test_full_queue_is_resource_exhausted_at_once(encoder, tum_folder_frames):
 def test_expired_frames_leave_the_queue_at_once_and_free_their_slots(encoder, tum_folder_frames):
     spy, frame = ModelSpy(encoder), tum_folder_frames[0]
     with model_held_busy(spy, frame, max_batch_size=1, max_queue=2) as (live, stub, busy):
-        late = [stub.EncodeFrame.future(request(frame, f"late-{i}"), timeout=0.5) for i in range(2)]
+        late = [stub.EncodeFrame.future(request(frame, f"late-{i}"), timeout=2.0) for i in range(2)]
+        wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
         for future in late:
             with pytest.raises(grpc.RpcError) as caught:
                 future.result()
@@ -98,10 +116,9 @@ def test_expired_frames_leave_the_queue_at_once_and_free_their_slots(encoder, tu
         # The model is still busy, yet the expired frames no longer hold the queue's two slots.
         wait_until(lambda: live.server.batcher.queued == 0, timeout=5, what="the queue to empty")
         assert live.metric("bifusion_queue_depth") == 0
-        waiting = [stub.EncodeFrame.future(request(frame, f"waiting-{i}"), timeout=120) for i in range(2)]
-        wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
+        waiting = queue_in_order(live, stub, frame, ["waiting-0", "waiting-1"])
         spy.gate.set()
-        assert [f.result().frame_id for f in [busy, *waiting]] == ["busy", "waiting-0", "waiting-1"]
+        assert [f.result().frame_id for f in [busy, *waiting.values()]] == ["busy", "waiting-0", "waiting-1"]
         assert spy.seen == ["busy", "waiting-0", "waiting-1"]
         assert live.metric("bifusion_requests_total", rpc="EncodeFrame", code="RESOURCE_EXHAUSTED") is None
         assert live.metric("bifusion_requests_dropped_total", reason="deadline") == 2
@@ -113,10 +130,12 @@ def test_every_expired_request_is_counted_as_deadline_exceeded(encoder, tum_fold
     spy, frame = ModelSpy(encoder), tum_folder_frames[0]
     count = 30
     with model_held_busy(spy, frame, max_batch_size=1, max_queue=64) as (live, stub, busy):
+        # Deadlines spread over 0.2 s, all far enough off that every frame is queued first.
         late = [
-            stub.EncodeFrame.future(request(frame, f"late-{i}"), timeout=0.2 + 0.02 * (i % 10))
+            stub.EncodeFrame.future(request(frame, f"late-{i}"), timeout=3.0 + 0.02 * (i % 10))
             for i in range(count)
         ]
+        wait_until(lambda: live.server.batcher.queued == count, what=f"{count} queued frames")
         codes = []
         for future in late:
             with pytest.raises(grpc.RpcError) as caught:
@@ -144,8 +163,7 @@ def test_a_failing_batch_is_bisected_so_only_the_guilty_frame_fails(encoder, tum
     names = ("a", "explode", "b", "c")
     with model_held_busy(spy, frame, max_batch_size=4, max_batch_delay_ms=200) as (live, stub, busy):
         # These four share the next batch: the model is busy while they queue.
-        futures = {name: stub.EncodeFrame.future(request(frame, name), timeout=120) for name in names}
-        wait_until(lambda: live.server.batcher.queued == 4, what="four queued frames")
+        futures = queue_in_order(live, stub, frame, names)
         spy.gate.set()
         assert busy.result().frame_id == "busy"
         with pytest.raises(grpc.RpcError) as caught:
@@ -179,9 +197,7 @@ def test_a_frame_failing_alone_gets_the_status_of_its_failure(
 ):
     spy, frame = ModelSpy(encoder, fail_on="huge", failure=failure), tum_folder_frames[0]
     with model_held_busy(spy, frame, max_batch_size=2, max_batch_delay_ms=200) as (live, stub, busy):
-        huge = stub.EncodeFrame.future(request(frame, "huge"), timeout=120)
-        mate = stub.EncodeFrame.future(request(frame, "mate"), timeout=120)
-        wait_until(lambda: live.server.batcher.queued == 2, what="two queued frames")
+        huge, mate = queue_in_order(live, stub, frame, ["huge", "mate"]).values()
         spy.gate.set()
         assert busy.result().frame_id == "busy"
         with pytest.raises(grpc.RpcError) as caught:
