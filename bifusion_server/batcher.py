@@ -283,8 +283,8 @@ class DynamicBatcher:
                 watchdog.cancel()
 
     def _stalled(self, instance: Instance, seconds: float) -> None:
-        self._metrics.instance_stalls.labels(instance.name).inc()
-        instance.stalled(seconds)
+        if instance.stalled(seconds):  # not if the batch came back as the timer came due
+            self._metrics.instance_stalls.labels(instance.name).inc()
 
     def _deliver(
         self, name: str, jobs: list[_Job], output: BatchOutput, started: float, seconds: float

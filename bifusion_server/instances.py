@@ -100,6 +100,9 @@ class InProcessInstance:
         self._on_change = on_change
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"bifusion-model-{name}")
         self._stalled_since: float | None = None
+        self._serving = asyncio.Event()  # clear while stalled
+        self._serving.set()
+        self._batch_out = False  # a batch is on the model's thread (cleared when it returns)
 
     @property
     def ready(self) -> bool:
@@ -111,10 +114,11 @@ class InProcessInstance:
         return self._stalled_since is not None
 
     async def wait_ready(self) -> None:
-        return  # a stalled instance holds its worker in encode() until the batch returns
+        await self._serving.wait()
 
     async def encode(self, frames: Sequence[Frame], options: Sequence[EncodeOptions]) -> BatchOutput:
         loop = asyncio.get_running_loop()
+        self._batch_out = True
         call = self._thread.submit(self._encode, frames, options)
         # When the model returns, not when this await ends: a cancelled await (the batcher
         # closing) leaves a stuck batch stuck.
@@ -122,6 +126,7 @@ class InProcessInstance:
         return await asyncio.wrap_future(call)
 
     def _returned(self) -> None:
+        self._batch_out = False
         if self._stalled_since is not None:
             log.warning(
                 "model instance %s: the stalled batch returned after %.0f s; serving again",
@@ -129,13 +134,19 @@ class InProcessInstance:
                 time.monotonic() - self._stalled_since,
             )
             self._stalled_since = None
+            self._serving.set()
             self._on_change()
 
-    def stalled(self, seconds: float) -> None:
+    def stalled(self, seconds: float) -> bool:
         """The batch has run for ``seconds``. A thread cannot be stopped, so the instance reports
         itself not ready until the batch returns: health turns NOT_SERVING, which takes the
-        server out of a load balancer's rotation and lets a liveness probe restart it."""
+        server out of a load balancer's rotation and lets a liveness probe restart it.
+
+        False (and nothing done) if the batch returned just as the timeout came due."""
+        if not self._batch_out:
+            return False
         self._stalled_since = time.monotonic() - seconds
+        self._serving.clear()
         log.error(
             "model instance %s has computed one batch for %.0f s (--stall-timeout-seconds); "
             "health is NOT_SERVING until it returns",
@@ -143,6 +154,7 @@ class InProcessInstance:
             seconds,
         )
         self._on_change()
+        return True
 
     def _encode(self, frames, options) -> BatchOutput:
         started = time.perf_counter()
@@ -198,6 +210,7 @@ class ProcessInstance:
         self._stall: str | None = None  # why the child was killed, while it is being replaced
         self.info: ModelInfo | None = None
         self.computing: list[str] = []  # frame ids of the batch in the child now
+        self._awaiting_reply = False  # set by the instance thread while the child holds a batch
         self.threads: dict[str, object] = {}  # the child's thread settings, as it reports them
 
     @property
@@ -233,15 +246,18 @@ class ProcessInstance:
         finally:
             self.computing = []
 
-    def stalled(self, seconds: float) -> None:
+    def stalled(self, seconds: float) -> bool:
         """The batch has run for ``seconds``: kill the child. Its frames fail with
-        :class:`InstanceLost` and the exit watcher starts a new one, as after a crash."""
+        :class:`InstanceLost` and the exit watcher starts a new one, as after a crash.
+
+        False (and nothing done) if the child answered just as the timeout came due."""
         process = self._process
-        if process is None or process.exitcode is not None:
-            return
+        if not self._awaiting_reply or process is None or process.exitcode is not None:
+            return False
         self._stall = f"stalled (no result in {seconds:.0f} s, --stall-timeout-seconds) and was killed"
         log.error("model instance %s (pid %d) %s", self.name, process.pid, self._stall)
         process.kill()
+        return True
 
     async def stop(self) -> None:
         self._stopping = True
@@ -287,8 +303,12 @@ class ProcessInstance:
         handed_over = False
         try:
             packed = pack((list(frames), list(options)), segment.shm.buf)
-            self._send(("encode", segment.name, packed, -(-packed.end // ALIGN) * ALIGN, self._retired()))
-            reply = self._receive()
+            self._awaiting_reply = True
+            try:
+                self._send(("encode", segment.name, packed, -(-packed.end // ALIGN) * ALIGN, self._retired()))
+                reply = self._receive()
+            finally:
+                self._awaiting_reply = False
             if reply[0] == "error":
                 raise ModelFailed(*reply[1:])
             _, packed_results, inband, memory, seconds = reply

@@ -20,7 +20,7 @@ BYTES_BUCKETS = tuple(1024 * 4**k for k in range(10))  # 1 KiB .. 256 MiB
 POINTS_BUCKETS = (100, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000, 200_000)
 RATIO_BUCKETS = tuple(round(0.05 * k, 2) for k in range(21))  # 0.0, 0.05, .., 1.0
 STAGES = ("prepare", "points", "clip", "unet", "fusion", "output")
-RPCS = ("EncodeFrame", "EncodeStream", "GetModelInfo")
+RPCS = ("EncodeFrame", "EncodeStream", "GetModelInfo", "RegisterSharedMemory", "UnregisterSharedMemory")
 DROP_REASONS = ("deadline", "cancelled")
 # Not "instance": Prometheus gives that name to the scraped target.
 INSTANCE_LABEL = "model_instance"

@@ -150,6 +150,7 @@ class EncoderService:
     async def encode_frame(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def work() -> bytes:
             _, response = await self._process(self._accepting(), request, _deadline(context))
+            self._sent(response)
             return response
 
         return await self._guarded("EncodeFrame", context, work)
@@ -167,6 +168,7 @@ class EncoderService:
             async def write(answered: tuple[str, bytes]) -> None:
                 # Frames decode in parallel: the call is named in stream order, as answered.
                 call.frame_id, response = answered
+                self._sent(response)
                 await context.write(response)
 
             stream = _OrderedStream(process, write, self._draining, self._stream_window)
@@ -195,7 +197,11 @@ class EncoderService:
             except FieldError as error:
                 raise ServiceError.invalid(error) from None
             status = pb.SharedMemoryStatus(name=region.name, byte_size=region.byte_size)
-            await context.write(status.SerializeToString())
+            try:
+                await context.write(status.SerializeToString())
+            except BaseException:  # the call ended before it was confirmed: nothing holds the region
+                self._shared.unregister(region.name, region)
+                raise
             log.info(
                 "shared memory %r registered: /dev/shm/%s, %d bytes",
                 region.name,
@@ -250,16 +256,32 @@ class EncoderService:
         if names_call:
             call.frame_id = frame_id
         try:
-            encoded = await self._compute(model, prepared, deadline)
-            response = await self._in_pool(self._serialise, model, prepared, encoded)
+            try:
+                encoded = await self._compute(model, prepared, deadline)
+            except BaseException:
+                self._release(prepared)
+                raise
+            return frame_id, await self._serialised(model, prepared, encoded)
         except ServiceError as error:
             error.frame_id = frame_id
             raise
-        finally:
-            self._release(prepared)
+
+    async def _serialised(self, model: Attached, prepared: Prepared, encoded: Encoded) -> bytes:
+        """``_serialise`` in the pool, then gives back what the request holds. A call cancelled
+        meanwhile gives it back only when the pool thread is done: that thread may be writing
+        into the request's shared-memory range, which must not go to another request before."""
+        serialising = asyncio.ensure_future(self._in_pool(self._serialise, model, prepared, encoded))
+        serialising.add_done_callback(lambda _: self._release(prepared))
+        try:
+            return await asyncio.shield(serialising)
+        except asyncio.CancelledError:
+            serialising.add_done_callback(_ignore_outcome)
+            raise
+
+    def _sent(self, response: bytes) -> None:
+        """Counts a response that goes to the client."""
         self._metrics.response_bytes.observe(len(response))
-        call.response_bytes += len(response)
-        return frame_id, response
+        current_call.get().response_bytes += len(response)
 
     async def _prepare(self, encoder: BiFusionEncoder, data: bytes) -> Prepared:
         """``_decode`` in the pool; a call cancelled meanwhile still gives its budget back."""

@@ -89,9 +89,13 @@ class LiveServer:
     def metric(self, name: str, **labels: str) -> float | None:
         return self.metrics().get((name, tuple(sorted(labels.items()))))
 
+    def on_loop(self, coroutine):
+        """Runs ``coroutine`` on an in-process server's event loop; returns a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, _LoopThread.get().loop)
+
     def start_drain(self):
         """Begin the SIGTERM drain of an in-process server; returns a concurrent future."""
-        return asyncio.run_coroutine_threadsafe(self.server.drain(), _LoopThread.get().loop)
+        return self.on_loop(self.server.drain())
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

@@ -159,6 +159,16 @@ def test_a_stalled_instance_is_killed_and_replaced(two_instances, tum_folder_fra
     assert unavailable_now == unavailable + len(doomed)
 
 
+def test_an_instance_that_has_answered_is_not_killed_as_stalled(two_instances):
+    """The stall timer can come due just after the child's answer arrived: no kill then."""
+    instance = two_instances.server.instances[0]
+    wait_until(lambda: instance.ready, timeout=240, what="instance 0 up")
+    pid = instance.pid
+    assert instance.stalled(120.0) is False
+    assert instance.pid == pid and instance.ready
+    os.kill(pid, 0)  # still running
+
+
 def test_sigterm_drains_through_instance_processes_and_leaves_nothing_behind(tum_folder_frames):
     flags = ("--device", "cpu", "--instances", "2", "--warmup-frames", "0", "--max-batch-size", "1")
     with server_process(*flags, "--drain-seconds", "120") as live:

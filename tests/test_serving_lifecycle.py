@@ -84,6 +84,27 @@ def test_a_stalled_batch_turns_health_not_serving_until_it_returns(encoder, tum_
         assert client.encode_request(request, timeout=120).num_points == 500
 
 
+def test_a_batch_returning_as_the_stall_timeout_comes_due_is_no_stall(
+    encoder, tum_folder_frames, monkeypatch
+):
+    """The watchdog's timer can come due in the very loop iteration in which the batch
+    returns, after the instance has seen it return: that is no stall, and serving goes on."""
+    request = request_from_folder_frame(tum_folder_frames[0], max_points=500)
+    with running_server(encoder, stall_timeout_seconds=120) as live, BiFusionClient(live.address) as client:
+        (instance,) = live.server.instances
+        returned = instance._returned
+
+        def returned_as_the_timer_comes_due():
+            returned()
+            live.server.batcher._stalled(instance, 120.0)
+
+        monkeypatch.setattr(instance, "_returned", returned_as_the_timer_comes_due)
+        for _ in range(3):
+            assert client.encode_request(request, timeout=60).num_points == 500
+        assert instance.ready and health_of(live) == {"SERVING"}
+        assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 0
+
+
 # The real server, with a model call that never returns for the frame "hang" (a hung kernel).
 HANGING_MODEL = """
 import sys, threading

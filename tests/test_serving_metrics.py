@@ -211,3 +211,11 @@ def test_a_real_prometheus_reads_gate_mean_and_valid_ratio(traffic, tmp_path):
     finally:
         prometheus.terminate()
         prometheus.wait(30)
+
+
+def test_every_rpcs_ok_series_exists_from_the_start(encoder):
+    """So that rate() over them reads 0, not "no data", before the first call."""
+    rpcs = ("EncodeFrame", "EncodeStream", "GetModelInfo", "RegisterSharedMemory", "UnregisterSharedMemory")
+    with running_server(encoder, allow_shared_memory=True) as live:
+        for rpc in rpcs:
+            assert live.metric("bifusion_requests_total", rpc=rpc, code="OK") == 0, rpc

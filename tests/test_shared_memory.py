@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -307,3 +309,76 @@ def test_an_open_registration_does_not_hold_up_a_drain(encoder, shm):
         with pytest.raises(grpc.RpcError):
             list(call)  # the server ended it
         assert "during-drain" not in registry(live)
+
+
+def test_a_call_cancelled_while_its_outputs_are_written_holds_its_range_until_the_write_ends(
+    encoder, shm, tum_folder_frames
+):
+    """The pool thread writing a cancelled call's outputs cannot be stopped: until it is done,
+    the range is still that call's and no other request may be given it."""
+    region = shm(16 << 20)
+    request = request_from_folder_frame(tum_folder_frames[0], max_points=MAX_POINTS)
+    request.output_shared_memory.CopyFrom(pb.SharedMemoryRef(region="held", offset=0, byte_size=region.size))
+    with (
+        running_server(encoder, allow_shared_memory=True) as live,
+        grpc.insecure_channel(live.address) as channel,
+    ):
+        service = live.server._service
+        writing, finish = threading.Event(), threading.Event()
+        serialise = service._serialise
+
+        def slow_serialise(*args):
+            writing.set()
+            assert finish.wait(60)
+            return serialise(*args)
+
+        service._serialise = slow_serialise
+        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
+        call, _ = register(stub, "held", region)
+        try:
+            first = stub.EncodeFrame.future(request, timeout=60)
+            assert writing.wait(60)
+            first.cancel()
+            wait_until(
+                lambda: live.metric("bifusion_requests_total", rpc="EncodeFrame", code="CANCELLED") == 1,
+                what="the cancelled call",
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                stub.EncodeFrame(request, timeout=30)
+            assert error_field(info.value) == "output_shared_memory"
+            assert "still in flight" in info.value.details()
+        finally:
+            finish.set()
+        wait_until(lambda: live.server._service._budget.in_use == (0, 0), what="the write to end")
+        assert stub.EncodeFrame(request, timeout=60).features.shared_memory.region == "held"
+        call.cancel()
+
+
+class _UnconfirmedContext:
+    """A registration call whose confirmation never goes out (the client stopped reading)."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def write(self, message: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+def test_a_registration_that_ends_before_it_is_confirmed_leaves_nothing_registered(live, shm):
+    region = shm(1 << 16)
+    request = pb.RegisterSharedMemoryRequest(
+        name="unconfirmed", key=region.name.lstrip("/"), byte_size=region.size
+    )
+    registering = live.on_loop(
+        live.server._service.register_shared_memory(request.SerializeToString(), _UnconfirmedContext())
+    )
+    wait_until(lambda: "unconfirmed" in registry(live), what="the region to be registered")
+    registering.cancel()
+    wait_until(lambda: "unconfirmed" not in registry(live), what="the region to be forgotten")
+    with grpc.insecure_channel(live.address) as channel:  # the name is free again
+        call, status = register(encoder_pb2_grpc.BiFusionEncoderStub(channel), "unconfirmed", region)
+        assert status.name == "unconfirmed"
+        call.cancel()
