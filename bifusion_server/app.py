@@ -280,7 +280,8 @@ class BiFusionServer:
     async def _set_health(self, serving: bool) -> None:
         for name in HEALTH_NAMES:
             await self._health.set(name, SERVING if serving else NOT_SERVING)
-        self.metrics.ready.set(1 if serving else 0)
+        if not (self._draining or self._stopped):  # a drain that began meanwhile owns it now
+            self.metrics.ready.set(1 if serving else 0)
 
     def _channel_options(self) -> list[tuple[str, int]]:
         config = self.config

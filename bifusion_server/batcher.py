@@ -154,8 +154,25 @@ class DynamicBatcher:
 
     def _drop(self, job: _Job, reason: str) -> None:
         self._remove(job)
+        self._count_drop(job, reason)
+
+    def _count_drop(self, job: _Job, reason: str) -> None:
         self._metrics.dropped.labels(reason).inc()
         log.debug("dropped frame %r before the model: %s", job.frame.frame_id, reason)
+
+    def _still_wanted(self, jobs: list[_Job]) -> list[_Job]:
+        """Drops the taken jobs whose caller left, or whose deadline passed, while their batch
+        formed (out of the queue, the queue's own checks no longer see them)."""
+        now, wanted = time.monotonic(), []
+        for job in jobs:
+            if job.future.done():
+                self._count_drop(job, "deadline" if deadline_passed(job.deadline) else "cancelled")
+            elif job.deadline is not None and now >= job.deadline:
+                self._count_drop(job, "deadline")
+                _fail(job, DeadlineExpired())
+            else:
+                wanted.append(job)
+        return wanted
 
     def _remove(self, job: _Job) -> None:
         del self._waiting[job]
@@ -173,7 +190,7 @@ class DynamicBatcher:
 
     def _requeue(self, jobs: list[_Job]) -> None:
         """Put jobs back at the head of the queue, in order."""
-        live = [job for job in jobs if not job.future.done()]
+        live = self._still_wanted(jobs)
         self._waiting = {**dict.fromkeys(live), **self._waiting}
         if live:
             self._arrived.set()
@@ -230,6 +247,9 @@ class DynamicBatcher:
                 self._changed()
 
     async def _run_batch(self, instance: Instance, jobs: list[_Job]) -> None:
+        jobs = self._still_wanted(jobs)
+        if not jobs:
+            return
         started = time.monotonic()
         for job in jobs:
             self._metrics.queue_wait.observe(started - job.enqueued)

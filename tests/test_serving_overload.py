@@ -88,6 +88,24 @@ def test_cancelled_call_never_reaches_the_model(encoder, tum_folder_frames):
         assert spy.seen == ["busy"]
 
 
+def test_a_frame_expiring_while_its_batch_forms_never_reaches_the_model(encoder, tum_folder_frames):
+    """Out of the queue, waiting for batch-mates (2 s here), a frame still leaves at its deadline."""
+    spy, frame = ModelSpy(encoder), tum_folder_frames[0]
+    with (
+        running_server(spy, max_batch_size=4, max_batch_delay_ms=2000) as live,
+        grpc.insecure_channel(live.address) as channel,
+    ):
+        stub = encoder_pb2_grpc.BiFusionEncoderStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.EncodeFrame(request(frame, "late"), timeout=0.8)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(
+            lambda: live.metric("bifusion_requests_dropped_total", reason="deadline") == 1, what="the drop"
+        )
+        assert stub.EncodeFrame(request(frame, "after"), timeout=60).frame_id == "after"
+        assert spy.seen == ["after"]
+
+
 def test_full_queue_is_resource_exhausted_at_once(encoder, tum_folder_frames):
     spy, frame = ModelSpy(encoder), tum_folder_frames[0]
     with model_held_busy(spy, frame, max_batch_size=1, max_queue=2) as (live, stub, busy):
