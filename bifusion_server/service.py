@@ -270,7 +270,8 @@ class EncoderService:
         """``_serialise`` in the pool, then gives back what the request holds. A call cancelled
         meanwhile gives it back only when the pool thread is done: that thread may be writing
         into the request's shared-memory range, which must not go to another request before."""
-        serialising = asyncio.ensure_future(self._in_pool(self._serialise, model, prepared, encoded))
+        loop = asyncio.get_running_loop()
+        serialising = loop.run_in_executor(self._io, self._serialise, model, prepared, encoded)
         serialising.add_done_callback(lambda _: self._release(prepared))
         try:
             return await asyncio.shield(serialising)
@@ -406,9 +407,6 @@ class EncoderService:
             response = head.SerializeToString()
         self._metrics.encode_duration.observe(time.perf_counter() - started)
         return response
-
-    async def _in_pool(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     async def _guarded(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable]):
         """Runs an RPC's work; maps errors to status codes and records the call's metrics."""

@@ -82,34 +82,43 @@ def test_served_results_match_the_in_process_encoder(two_instances, encoder, tum
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
 
 
+@contextlib.contextmanager
+def stopped(*pids: int):
+    """The processes held (SIGSTOP) for the block, then let go; gone ones are skipped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def fail_an_instance_mid_batch(live, victim, requests, signum: int, reason: str) -> tuple[set, set]:
     """Six frames in flight; ``signum`` goes to ``victim``'s process while it holds a batch.
     Checks that exactly that batch's frames failed, with UNAVAILABLE naming ``reason``, and
     returns (the failed frame ids, the served ones)."""
     pid = victim.pid
-    os.kill(pid, signal.SIGSTOP)  # the batch it is given stays its batch until the signal lands
-    try:
-        with BiFusionClient(live.address) as client, ThreadPoolExecutor(6) as pool:
-            futures = {}
-            for i in range(6):
-                request = requests[i % len(requests)]
-                request.frame_id = f"{signum}-{i}"
-                futures[request.frame_id] = pool.submit(client.encode_request, request, 300)
-            busy = f"a batch on instance {victim.name}"
-            doomed = wait_until(lambda: set(victim.computing), timeout=120, what=busy)
-            os.kill(pid, signum)
-            failed, served = set(), set()
-            for frame_id, future in futures.items():
-                try:
-                    assert future.result().frame_id == frame_id
-                    served.add(frame_id)
-                except grpc.RpcError as error:
-                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-                    assert reason in error.details()
-                    failed.add(frame_id)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)  # a no-op once the server has replaced it
+    # Stopped, the victim keeps the batch it is given until the signal lands.
+    with stopped(pid), BiFusionClient(live.address) as client, ThreadPoolExecutor(6) as pool:
+        futures = {}
+        for i in range(6):
+            request = requests[i % len(requests)]
+            request.frame_id = f"{signum}-{i}"
+            futures[request.frame_id] = pool.submit(client.encode_request, request, 300)
+        busy = f"a batch on instance {victim.name}"
+        doomed = wait_until(lambda: set(victim.computing), timeout=120, what=busy)
+        os.kill(pid, signum)
+        failed, served = set(), set()
+        for frame_id, future in futures.items():
+            try:
+                assert future.result().frame_id == frame_id
+                served.add(frame_id)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                assert reason in error.details()
+                failed.add(frame_id)
     assert failed == doomed and served == set(futures) - doomed
     return failed, served
 
@@ -175,23 +184,15 @@ def test_sigterm_drains_through_instance_processes_and_leaves_nothing_behind(tum
         pids = [int(p) for p in re.findall(r"model instance \d ready \(pid (\d+)", live.log_text())]
         assert len(pids) == 2
         requests = [request_from_folder_frame(f, max_points=2000) for f in tum_folder_frames[:4]]
-        for pid in pids:  # held, so that all four are surely in flight when SIGTERM comes
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            with ThreadPoolExecutor(len(requests)) as pool, BiFusionClient(live.address) as client:
+        with ThreadPoolExecutor(len(requests)) as pool, BiFusionClient(live.address) as client:
+            with stopped(*pids):  # held, so that all four are surely in flight when SIGTERM comes
                 futures = [pool.submit(client.encode_request, r, 300) for r in requests]
                 wait_until(
                     lambda: live.metric("bifusion_inflight_requests") == len(requests), what="all in flight"
                 )
                 live.process.send_signal(signal.SIGTERM)
                 wait_until(lambda: "draining: 4 requests in flight" in live.log_text(), what="the drain")
-                for pid in pids:
-                    os.kill(pid, signal.SIGCONT)
-                results = [f.result() for f in futures]  # none lost
-        finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+            results = [f.result() for f in futures]  # none lost
         assert [r.num_points for r in results] == [2000] * len(requests)
         assert live.process.wait(60) == 0
         server_pid = live.process.pid

@@ -105,44 +105,6 @@ def test_a_batch_returning_as_the_stall_timeout_comes_due_is_no_stall(
         assert live.metric("bifusion_instance_stalls_total", model_instance="0") == 0
 
 
-# The real server, with a model call that never returns for the frame "hang" (a hung kernel).
-HANGING_MODEL = """
-import sys, threading
-import bifusion
-
-encode = bifusion.BiFusionEncoder.encode
-
-def hanging(self, frames, *args, **kwargs):
-    if any(frame.frame_id == "hang" for frame in frames):
-        threading.Event().wait()
-    return encode(self, frames, *args, **kwargs)
-
-bifusion.BiFusionEncoder.encode = hanging
-from bifusion_server.main import main
-main(sys.argv[1:])
-"""
-
-
-def test_sigterm_with_a_stuck_model_exits_instead_of_waiting_for_ever(tum_folder_frames):
-    """Python waits for every worker thread at exit; a model thread that never returns would
-    keep a drained server alive until something kills it."""
-    flags = ("--device", "cpu", "--warmup-frames", "0", "--stall-timeout-seconds", "2")
-    flags += ("--drain-seconds", "3")
-    with server_process(*flags, launcher=("-c", HANGING_MODEL)) as live:
-        request = request_from_folder_frame(tum_folder_frames[0], max_points=500)
-        request.frame_id = "hang"
-        with BiFusionClient(live.address) as client, ThreadPoolExecutor(1) as pool:
-            held = pool.submit(client.encode_request, request, 120)
-            wait_until(lambda: health_of(live) == {"NOT_SERVING"}, timeout=60, what="the stall")
-            started = time.monotonic()
-            live.process.send_signal(signal.SIGTERM)
-            assert live.process.wait(60) == 1
-            assert time.monotonic() - started < 30  # the drain, not the stuck batch
-            with pytest.raises(grpc.RpcError):
-                held.result()
-        assert "exiting with a model batch still stuck" in live.log_text()
-
-
 # The real server, with every model call but the warm-up's held until the file named by
 # BIFUSION_TEST_GATE exists: what is in flight stays in flight for as long as a test needs.
 GATED_MODEL = """
@@ -161,6 +123,26 @@ bifusion.BiFusionEncoder.encode = gated
 from bifusion_server.main import main
 main(sys.argv[1:])
 """
+
+
+def test_sigterm_with_a_stuck_model_exits_instead_of_waiting_for_ever(tum_folder_frames, tmp_path):
+    """Python waits for every worker thread at exit; a model thread that never returns would
+    keep a drained server alive until something kills it."""
+    flags = ("--device", "cpu", "--warmup-frames", "0", "--stall-timeout-seconds", "2")
+    flags += ("--drain-seconds", "3")
+    never_opened = {"BIFUSION_TEST_GATE": str(tmp_path / "gate")}  # a hung kernel
+    with server_process(*flags, launcher=("-c", GATED_MODEL), env=never_opened) as live:
+        request = request_from_folder_frame(tum_folder_frames[0], max_points=500)
+        with BiFusionClient(live.address) as client, ThreadPoolExecutor(1) as pool:
+            held = pool.submit(client.encode_request, request, 120)
+            wait_until(lambda: health_of(live) == {"NOT_SERVING"}, timeout=60, what="the stall")
+            started = time.monotonic()
+            live.process.send_signal(signal.SIGTERM)
+            assert live.process.wait(60) == 1
+            assert time.monotonic() - started < 30  # the drain, not the stuck batch
+            with pytest.raises(grpc.RpcError):
+                held.result()
+        assert "exiting with a model batch still stuck" in live.log_text()
 
 
 def health_of(live) -> set[str]:
