@@ -22,4 +22,35 @@ warnings.filterwarnings("ignore", message=r"torch.sparse.SparseTensor\(indices, 
 
 import MinkowskiEngine as ME  # noqa: E402
 
-__all__ = ["ME"]
+__all__ = ["ME", "MinkowskiBuildError", "check_canonical_maps"]
+
+
+class MinkowskiBuildError(RuntimeError):
+    """The MinkowskiEngine build in use cannot give the encoder's guarantees."""
+
+
+def check_canonical_maps() -> None:
+    """Fail unless the CPU kernel maps come out in canonical (output, input) order.
+
+    Same input, same bits on a CPU rests on docker/minkowski/patch_canonical_maps.py:
+    without it each kernel offset's pairs are in thread-timing order and results vary
+    run to run. The unpatched library's order follows its hash table, never sorted by
+    output row, so a few hundred voxels tell the builds apart on any host, at any
+    thread count. About a millisecond.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    voxels = torch.unique(torch.randint(0, 12, (600, 3), generator=generator), dim=0)
+    coordinates = torch.cat([torch.zeros(len(voxels), 1, dtype=voxels.dtype), voxels], 1).int()
+    x = ME.SparseTensor(torch.zeros(len(coordinates), 1), coordinates=coordinates, device="cpu")
+    key = x.coordinate_map_key
+    pairs = x.coordinate_manager.kernel_map(key, key, kernel_size=3)
+    ordered = all(bool((p[1, 1:] > p[1, :-1]).all()) for p in pairs.values())
+    if not ordered:
+        raise MinkowskiBuildError(
+            f"MinkowskiEngine at {ME.__file__} builds its CPU kernel maps in thread-timing "
+            "order (it lacks docker/minkowski/patch_canonical_maps.py), so the same frame "
+            "could give different bits from run to run; rerun scripts/setup.sh, which "
+            "rebuilds it with the patch"
+        )

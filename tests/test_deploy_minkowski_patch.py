@@ -124,3 +124,57 @@ def test_refuses_a_changed_anchor(source_tree):
     functors.write_text(functors.read_text().replace("struct find_coordinate\n", "struct find_coordinates\n"))
     with pytest.raises(patcher.PatchError, match=r"coordinate_map_functors\.cuh"):
         patcher.patch_tree(source_tree)
+
+
+# docker/minkowski/patch_canonical_maps.py: CPU kernel maps in canonical order.
+CANONICAL_SCRIPT = DOCKER / "minkowski" / "patch_canonical_maps.py"
+
+
+def load_canonical_patcher():
+    sys.path.insert(0, str(CANONICAL_SCRIPT.parent))  # it imports its helpers from the CUDA patch
+    try:
+        spec = importlib.util.spec_from_file_location("patch_canonical_maps", CANONICAL_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(CANONICAL_SCRIPT.parent))
+
+
+def test_canonical_maps_patch_sorts_every_parallel_built_map(source_tree):
+    canonical = load_canonical_patcher()
+    src = source_tree / "src"
+    before = {name: (src / name).read_text() for name in ("coordinate_map_cpu.hpp", "kernel_map.hpp")}
+    assert canonical.patch_tree(source_tree) == ["coordinate_map_cpu.hpp", "kernel_map.hpp"]
+    cpu = (src / "coordinate_map_cpu.hpp").read_text()
+    # kernel_map and stride_map, the field map, the interpolation map (with its weights).
+    assert cpu.count("sort_kernel_map(in_maps, out_maps);") == 2
+    assert "sort_map_pairs(in_maps[0], out_maps[0], num_used);" in cpu
+    assert "sort_map_pairs(in_maps[i], out_maps[i], num_used[i], weights[i]);" in cpu
+    kernel_map = (src / "kernel_map.hpp").read_text()
+    assert "inline void sort_kernel_map(" in kernel_map
+    assert "std::stable_sort(in_out.begin(), in_out.end(), comp);" in kernel_map
+    # Only additions, but for origin_map's one sort call (now input-ordered, then stable).
+    for name, text in before.items():
+        removed = set(text.splitlines()) - set((src / name).read_text().splitlines())
+        assert removed <= {"    std::sort(in_out.begin(), in_out.end(), comp);"}, (name, removed)
+    # Applies on top of the CUDA patch too, in either order, and twice changes nothing.
+    assert patcher.patch_tree(source_tree) != [] and canonical.patch_tree(source_tree) == []
+
+
+def test_canonical_maps_patch_command_line_is_idempotent(source_tree):
+    run = [sys.executable, str(CANONICAL_SCRIPT), str(source_tree)]
+    first = subprocess.run(run, capture_output=True, text=True)
+    assert first.returncode == 0 and "patched 2 files" in first.stdout, first.stderr
+    snapshot = {p: p.read_text() for p in (source_tree / "src").rglob("*") if p.is_file()}
+    second = subprocess.run(run, capture_output=True, text=True)
+    assert second.returncode == 0 and "already patched" in second.stdout
+    assert snapshot == {p: p.read_text() for p in (source_tree / "src").rglob("*") if p.is_file()}
+
+
+def test_canonical_maps_patch_refuses_a_changed_anchor(source_tree):
+    cpu = source_tree / "src" / "coordinate_map_cpu.hpp"
+    anchor = "return std::make_pair(move(in_maps), move(out_maps));"
+    cpu.write_text(cpu.read_text().replace(anchor, "return cpu_kernel_map(in_maps, out_maps);"))
+    result = subprocess.run([sys.executable, str(CANONICAL_SCRIPT), str(source_tree)], capture_output=True, text=True)
+    assert result.returncode == 1 and "src/coordinate_map_cpu.hpp" in result.stderr

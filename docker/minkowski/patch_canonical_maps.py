@@ -1,0 +1,169 @@
+"""Patch the MinkowskiEngine 0.5.4 sdist so its CPU maps come out in one canonical order.
+
+MinkowskiEngine builds its CPU kernel maps (which input row meets which output row at each
+kernel offset) in OpenMP-parallel loops whose threads claim slots through an atomic
+counter. Each offset gets the same set of (input, output) pairs every run, but in an order
+set by thread timing. The CPU convolution gathers rows in that order and runs one gemm per
+offset, and a row's result may round differently with its position in the gemm, so the
+same input gave different bits from run to run (by about 1e-7) on some hosts.
+
+The fix sorts every offset's pairs by (output, input) once the parallel loop is done:
+the set of pairs is unchanged, only its order becomes a function of the coordinates
+alone, whatever the thread count or timing. It covers every map built that way
+(``kernel_map``, ``stride_map``, the field map and the interpolation map with its weights),
+and ``origin_map``'s decomposition, whose ``std::sort`` compared outputs only, breaks
+ties by input. The GPU code is untouched.
+
+``bifusion.minkowski.check_canonical_maps`` tests the compiled result at start-up.
+
+Idempotent, and fails loudly when an anchor it expects is missing, as the CUDA patch does.
+
+Usage: python patch_canonical_maps.py PATH/TO/MinkowskiEngine-0.5.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from patch_cuda_sources import PatchError, replace_once
+
+# One sort for every map: the pairs packed as (output << 32 | input) and sorted as
+# integers (keys are unique within a map), carrying the weights where a map has them.
+SORT_HELPER = """\
+// bifusion: canonical CPU map order. OpenMP threads fill each kernel offset's pairs in an
+// order set by thread timing; the convolution's gemm rounds a row by its position, so the
+// pairs are sorted by (out, in) to make every result independent of thread timing.
+inline uint64_t map_pair_key(cpu_in_map const &in_map, cpu_out_map const &out_map, size_t i) {
+  return (uint64_t(out_map[i]) << 32) | uint64_t(in_map[i]);
+}
+
+inline void sort_map_pairs(cpu_in_map &in_map, cpu_out_map &out_map, size_t const size) {
+  std::vector<uint64_t> keys(size);
+  for (size_t i = 0; i < size; ++i)
+    keys[i] = map_pair_key(in_map, out_map, i);
+  std::sort(keys.begin(), keys.end());
+  for (size_t i = 0; i < size; ++i) {
+    out_map[i] = static_cast<default_types::index_type>(keys[i] >> 32);
+    in_map[i] = static_cast<default_types::index_type>(keys[i] & 0xffffffffu);
+  }
+}
+
+// The same order for a map that carries a weight per pair.
+template <typename Dtype>
+inline void sort_map_pairs(cpu_in_map &in_map, cpu_out_map &out_map, size_t const size,
+                           std::vector<Dtype> &weights) {
+  std::vector<std::pair<uint64_t, Dtype>> keyed(size);
+  for (size_t i = 0; i < size; ++i)
+    keyed[i] = {map_pair_key(in_map, out_map, i), weights[i]};
+  std::sort(keyed.begin(), keyed.end(),
+            [](auto const &l, auto const &r) { return l.first < r.first; });
+  for (size_t i = 0; i < size; ++i) {
+    out_map[i] = static_cast<default_types::index_type>(keyed[i].first >> 32);
+    in_map[i] = static_cast<default_types::index_type>(keyed[i].first & 0xffffffffu);
+    weights[i] = keyed[i].second;
+  }
+}
+
+// Every offset's pairs sorted; offsets are independent, so they sort in parallel.
+inline void sort_kernel_map(cpu_in_maps &in_maps, cpu_out_maps &out_maps) {
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t k = 0; k < int64_t(in_maps.size()); ++k)
+    sort_map_pairs(in_maps[k], out_maps[k], in_maps[k].size());
+}
+
+using cpu_kernel_map_reference = std::pair<cpu_in_maps &, cpu_out_maps &>;
+"""
+
+# (file, exact old text, new text). Each ``new`` contains its ``old``-side anchor changed,
+# so replace_once sees an already patched file as done.
+REPLACEMENTS: list[tuple[str, str, str]] = [
+    (
+        "kernel_map.hpp",
+        "using cpu_kernel_map_reference = std::pair<cpu_in_maps &, cpu_out_maps &>;\n",
+        SORT_HELPER,
+    ),
+    (
+        # origin_map's decomposition: ties (one batch's rows) ordered by input too.
+        "kernel_map.hpp",
+        "      return l.second < r.second;\n    };\n    std::sort(in_out.begin(), in_out.end(), comp);\n",
+        "      return l.second < r.second;\n    };\n"
+        "    std::sort(in_out.begin(), in_out.end()); // bifusion: by (in, out), then stable\n"
+        "    std::stable_sort(in_out.begin(), in_out.end(), comp);\n",
+    ),
+    (
+        # field_map_kernel: one map, filled by racing threads.
+        "coordinate_map_cpu.hpp",
+        "  auto final_in_map = torch::empty(\n      {num_used},\n",
+        "  sort_map_pairs(in_maps[0], out_maps[0], num_used); // bifusion: canonical order\n"
+        "  auto final_in_map = torch::empty(\n      {num_used},\n",
+    ),
+    (
+        # interpolation_map_weight_kernel: one map per neighbour, with weights.
+        "coordinate_map_cpu.hpp",
+        "  auto const total_num_used =\n",
+        "  for (uint32_t i = 0; i < neighbor_volume; ++i) // bifusion: canonical order\n"
+        "    sort_map_pairs(in_maps[i], out_maps[i], num_used[i], weights[i]);\n"
+        "\n"
+        "  auto const total_num_used =\n",
+    ),
+    (
+        # kernel_map: one map per kernel offset.
+        "coordinate_map_cpu.hpp",
+        "      in_maps[i].resize(max_num);\n      out_maps[i].resize(max_num);\n    }\n\n"
+        "    return std::make_pair(in_maps, out_maps);\n",
+        "      in_maps[i].resize(max_num);\n      out_maps[i].resize(max_num);\n    }\n"
+        "    sort_kernel_map(in_maps, out_maps); // bifusion: canonical order\n\n"
+        "    return std::make_pair(in_maps, out_maps);\n",
+    ),
+    (
+        # stride_map: one map, every input row once.
+        "coordinate_map_cpu.hpp",
+        "    return std::make_pair(move(in_maps), move(out_maps));\n",
+        "    sort_kernel_map(in_maps, out_maps); // bifusion: canonical order\n"
+        "    return std::make_pair(move(in_maps), move(out_maps));\n",
+    ),
+]
+
+
+def patch_tree(root: Path) -> list[str]:
+    """Patch ``root/src`` in place; returns the files that changed."""
+    src = root / "src"
+    if not src.is_dir():
+        raise PatchError(f"{root} has no src/ folder: not a MinkowskiEngine source tree")
+    new_text: dict[str, str] = {}
+    for name, old, new in REPLACEMENTS:
+        path = src / name
+        if name not in new_text:
+            if not path.is_file():
+                raise PatchError(f"missing source file src/{name}")
+            new_text[name] = path.read_text()
+        try:
+            new_text[name] = replace_once(new_text[name], old, new)
+        except PatchError as err:
+            raise PatchError(f"src/{name}: {err}") from None
+    changed = []
+    for name, text in new_text.items():
+        path = src / name
+        if path.read_text() != text:
+            path.write_text(text)
+            changed.append(name)
+    return sorted(changed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source_dir", type=Path, help="unpacked MinkowskiEngine sdist")
+    args = parser.parse_args(argv)
+    try:
+        changed = patch_tree(args.source_dir)
+    except PatchError as err:
+        print(f"patch_canonical_maps: {err}", file=sys.stderr)
+        return 1
+    print(f"patched {len(changed)} files: {', '.join(changed) or '(already patched)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
