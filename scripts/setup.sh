@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Takes a fresh Debian/Ubuntu machine to a working venv with the whole stack.
 # Idempotent: every step checks before it acts; MinkowskiEngine's wheel is cached outside
-# the repository (keyed by its version, torch, Python, machine and CPU/CUDA build) so only
-# the first run pays for the build.
+# the repository (keyed by its version, torch, Python, machine, CPU/CUDA build and the
+# source patches in docker/minkowski/) so only the first run pays for the build.
 #
 # Environment:
 #   BIFUSION_VENV         where the venv goes (default: .venv in the repository)
@@ -142,18 +142,30 @@ install_torch() {
   pip install -q --force-reinstall "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" numpy ninja wheel
 }
 
-# 0 when MinkowskiEngine $ME_VERSION imports and its CUDA support is what $1 (cpu/cuda) needs.
+# 0 when MinkowskiEngine $ME_VERSION imports, its CUDA support is what $1 (cpu/cuda) needs,
+# and its CPU kernel maps are canonical (built with patch_canonical_maps.py): the check the
+# encoder runs at start-up, loaded from its file since the project may not be installed yet.
 minkowski_ok() {
-  python - "$1" <<'PY' 2>/dev/null
-import collections, collections.abc, sys
-collections.Sequence = collections.abc.Sequence
-import MinkowskiEngine as ME
-sys.exit(ME.__version__ != "0.5.4" or bool(ME.is_cuda_available()) != (sys.argv[1] == "cuda"))
+  python - "$1" "$ROOT/bifusion/minkowski.py" <<'PY' 2>/dev/null
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("bifusion_minkowski", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+ME = module.ME
+if ME.__version__ != "0.5.4" or bool(ME.is_cuda_available()) != (sys.argv[1] == "cuda"):
+    sys.exit(1)
+module.check_canonical_maps()
 PY
 }
 
-# The wheel cache folder for this MinkowskiEngine build: version, torch, Python, machine and
-# cpu, or cu<CUDA>-sm<archs> (e.g. me0.5.4-torch2.14.1-cp312-x86_64-cu130-sm90).
+# A short hash of the source patches: a wheel built before a patch changed is never reused.
+minkowski_patches_hash() {
+  cat "$ROOT"/docker/minkowski/patch_*.py | sha256sum | cut -c1-10
+}
+
+# The wheel cache folder for this MinkowskiEngine build: version, torch, Python, machine,
+# cpu or cu<CUDA>-sm<archs>, and the patches' hash
+# (e.g. me0.5.4-torch2.14.1-cp312-x86_64-cu130-sm90-p0123456789).
 minkowski_cache_key() {
   local device="$1" arch="$2" py_tag variant=cpu
   py_tag="$(python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
@@ -163,7 +175,7 @@ minkowski_cache_key() {
     [ -n "$cuda" ] || die "torch $(python -c 'import torch; print(torch.__version__)') has no CUDA; it cannot drive a CUDA MinkowskiEngine"
     variant="cu${cuda//./}-sm$(echo "$arch" | tr -d '.+A-Za-z' | tr ';' '-')"
   fi
-  echo "me${ME_VERSION}-torch${TORCH_VERSION}-${py_tag}-$(uname -m)-${variant}"
+  echo "me${ME_VERSION}-torch${TORCH_VERSION}-${py_tag}-$(uname -m)-${variant}-p$(minkowski_patches_hash)"
 }
 
 install_minkowski_engine() {
@@ -181,10 +193,11 @@ install_minkowski_engine() {
   fi
   log "installing cached MinkowskiEngine wheel from $dir"
   pip install -q --no-deps --force-reinstall "$dir"/MinkowskiEngine-*.whl
-  minkowski_ok "$device" || die "MinkowskiEngine from $dir does not import with $device support (remove that folder to rebuild)"
+  minkowski_ok "$device" || die "MinkowskiEngine from $dir does not import with $device support and canonical CPU kernel maps (remove that folder to rebuild)"
 }
 
-# The pinned sdist, patched for CUDA 12/13 (a no-op for the CPU build), built with setup.py:
+# The pinned sdist, patched for CUDA 12/13 (a no-op for the CPU build) and for canonical CPU
+# kernel maps (same input, same bits whatever the threads do), built with setup.py:
 # `pip wheel --config-settings` drops --force_cuda silently for this legacy sdist.
 build_minkowski_wheel() {
   local out="$1" flag="$2" arch="$3" src
@@ -205,6 +218,7 @@ PY
   local tree="$src/MinkowskiEngine-$ME_VERSION"
   sed -i 's/^run_command("pip", "uninstall".*$/pass  # keep the installed build until the new one exists/' "$tree/setup.py"
   python "$ROOT/docker/minkowski/patch_cuda_sources.py" "$tree" >/dev/null
+  python "$ROOT/docker/minkowski/patch_canonical_maps.py" "$tree" >/dev/null
   # Its setup.py breaks on setuptools >= 70; torch wants a newer one at run time, so the old
   # one is there for the build only. --blas=openblas keeps numpy.distutils out (Python 3.12+).
   pip install -q numpy ninja wheel "setuptools<70"

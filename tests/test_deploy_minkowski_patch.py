@@ -176,5 +176,7 @@ def test_canonical_maps_patch_refuses_a_changed_anchor(source_tree):
     cpu = source_tree / "src" / "coordinate_map_cpu.hpp"
     anchor = "return std::make_pair(move(in_maps), move(out_maps));"
     cpu.write_text(cpu.read_text().replace(anchor, "return cpu_kernel_map(in_maps, out_maps);"))
-    result = subprocess.run([sys.executable, str(CANONICAL_SCRIPT), str(source_tree)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(CANONICAL_SCRIPT), str(source_tree)], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "src/coordinate_map_cpu.hpp" in result.stderr

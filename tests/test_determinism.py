@@ -131,7 +131,7 @@ def test_start_up_refuses_a_build_without_the_patch(monkeypatch):
         return {k: p.flip(1) for k, p in original(self, *args, **kwargs).items()}
 
     monkeypatch.setattr(manager_type, "kernel_map", unpatched_order)
-    with pytest.raises(MinkowskiBuildError, match="patch_canonical_maps.py.*rerun scripts/setup.sh"):
+    with pytest.raises(MinkowskiBuildError, match=r"patch_canonical_maps\.py.*rerun scripts/setup\.sh"):
         check_canonical_maps()
     from bifusion import BiFusionEncoder
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,16 +104,30 @@ def test_wheel_cache_key_names_python_cuda_and_arch(tmp_path):
     bin_dir = tmp_path / "bin"
     fake(bin_dir, "python", f'exec "{sys.executable}" "$@"')
     tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    patches = run("minkowski_patches_hash", [bin_dir]).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{10}", patches)
     cpu = run("minkowski_cache_key cpu ''", [bin_dir])
-    assert cpu.stdout.strip() == f"me0.5.4-torch2.14.1-{tag}-x86_64-cpu", cpu.stderr
+    assert cpu.stdout.strip() == f"me0.5.4-torch2.14.1-{tag}-x86_64-cpu-p{patches}", cpu.stderr
     import torch
 
     cuda = run("minkowski_cache_key cuda '8.6;9.0+PTX'", [bin_dir])
     if torch.version.cuda:
         version = torch.version.cuda.replace(".", "")
-        assert cuda.stdout.strip() == f"me0.5.4-torch2.14.1-{tag}-x86_64-cu{version}-sm86-90"
+        assert cuda.stdout.strip() == f"me0.5.4-torch2.14.1-{tag}-x86_64-cu{version}-sm86-90-p{patches}"
     else:
         assert cuda.returncode != 0 and "has no CUDA" in cuda.stderr
+
+
+def test_a_changed_source_patch_changes_the_wheel_cache_key(tmp_path):
+    """A wheel built before a patch changed (or without it) is never reused."""
+    patches = tmp_path / "docker" / "minkowski"
+    shutil.copytree(ROOT / "docker" / "minkowski", patches)
+    before = run(f'ROOT="{tmp_path}"; minkowski_patches_hash').stdout.strip()
+    assert before == run("minkowski_patches_hash").stdout.strip()
+    with (patches / "patch_canonical_maps.py").open("a") as f:
+        f.write("# changed\n")
+    after = run(f'ROOT="{tmp_path}"; minkowski_patches_hash').stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{10}", after) and after != before
 
 
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the fakes stand in for this machine's 3.11")
