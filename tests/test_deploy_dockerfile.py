@@ -1,10 +1,11 @@
 """docker/Dockerfile: parsed with BuildKit's own parser, linted with hadolint, and every file
 it copies present in the build context (the repository root) and not excluded by its
-.dockerignore. The image itself cannot be built here (no Docker engine)."""
+.dockerignore. tests/test_deploy_stack.py builds and runs it."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import re
 import subprocess
 from pathlib import Path
@@ -117,38 +118,80 @@ def test_parses_into_the_expected_stages():
     assert global_args()["VARIANT"] == "cuda"
 
 
-def test_cuda_build_uses_devel_and_runtime_uses_runtime_image():
-    assert re.fullmatch(
-        r"nvidia/cuda:\$\{CUDA_VERSION\}-devel-ubuntu\$\{UBUNTU_VERSION\}", stage("build-base-cuda").base
-    )
-    assert re.fullmatch(
-        r"nvidia/cuda:\$\{CUDA_VERSION\}-runtime-ubuntu\$\{UBUNTU_VERSION\}", stage("runtime-base-cuda").base
-    )
-    # torch's CUDA wheels and the toolkit that compiles MinkowskiEngine must agree.
+def test_both_variants_build_and_run_on_debian_12():
+    assert global_args()["BASE_IMAGE"] == "debian:bookworm-slim"
+    for name in ("build-base-cuda", "build-base-cpu", "runtime-base-cuda", "runtime-base-cpu"):
+        assert stage(name).base == "${BASE_IMAGE}", name
+    text = "\n".join(c.original for c in stage("build").commands)
+    assert "python3.11-dev" in text  # Debian 12's own Python 3.11
+
+
+def test_cuda_toolkit_matches_the_cuda_release_of_torch():
+    """nvcc & co (PyPI's cuda-toolkit) must be the release torch's wheels were built with."""
     args = global_args()
-    cuda_major_minor = "".join(args["CUDA_VERSION"].split(".")[:2])
-    assert args["TORCH_CUDA_INDEX_URL"].endswith(f"/cu{cuda_major_minor}")
-    arch = next(
-        c
-        for c in stage("build-base-cuda").commands
-        if c.cmd == "ARG" and "TORCH_CUDA_ARCH_LIST" in c.value[0]
+    major, minor = args["CUDA_TOOLKIT_VERSION"].split(".")[:2]
+    assert args["TORCH_CUDA_INDEX_URL"].endswith(f"/cu{major}{minor}")
+    env = " ".join(c.original for c in stage("build-base-cuda").commands if c.cmd == "ENV")
+    assert 'CUDA_TOOLKIT_PIP="cuda-toolkit[nvcc,cccl]==${CUDA_TOOLKIT_VERSION}"' in env
+    assert any(
+        c.cmd == "ARG" and "TORCH_CUDA_ARCH_LIST" in c.value[0] for c in stage("build-base-cuda").commands
     )
-    assert arch is not None
+    pinned = next(
+        c.value[0]
+        for c in stage("build").commands
+        if c.cmd == "ARG" and c.value[0].startswith("TORCH_VERSION=")
+    )
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("torch is not installed here")
+    if installed != pinned.split("=")[1]:
+        pytest.skip(f"torch {installed} here, not the image's PyPI torch {pinned}")
+    toolkit = next(
+        (r for r in importlib.metadata.requires("torch") or [] if r.startswith("cuda-toolkit")), ""
+    )
+    assert f"=={args['CUDA_TOOLKIT_VERSION']};" in toolkit.replace(" ", ""), toolkit
+
+
+def test_builds_offline_with_the_builtin_frontend():
+    """No `# syntax=` (it pulls a frontend image) and no ADD --checksum (the built-in frontend
+    of Docker 20.10 does not know it); RUN --mount is what it does know."""
+    first = DOCKERFILE.read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first)
+    assert not any(c.cmd == "ADD" for s in stages() for c in s.commands)
+
+
+def test_downloads_mount_the_optional_ca_secret_and_never_copy_it():
+    downloads = [
+        c
+        for c in stage("build").commands
+        if c.cmd == "RUN" and ("pip install" in c.original or "urlretrieve" in c.original)
+    ]
+    assert len(downloads) >= 3
+    for cmd in downloads:
+        assert "--mount=type=secret,id=cacert,required=false" in cmd.original, cmd.original
+        assert ". /etc/profile.d/pip_ca.sh" in cmd.original
+    copied = " ".join(c.original for s in stages() for c in s.commands if c.cmd in ("COPY", "ADD"))
+    assert "cert" not in copied and ".crt" not in copied
 
 
 def test_minkowski_engine_build_steps():
     build = stage("build")
     text = "\n".join(c.original for c in build.commands)
-    add = next(c for c in build.commands if c.cmd == "ADD")
-    assert any(f.startswith("--checksum=sha256:") for f in add.flags), "the sdist must be pinned by hash"
-    assert add.value[0].endswith("MinkowskiEngine-0.5.4.tar.gz")
-    assert "patch_cuda_sources.py" in text
+    args = dict(c.value[0].split("=", 1) for c in build.commands if c.cmd == "ARG" and "=" in c.value[0])
+    assert args["MINKOWSKI_SDIST_URL"].endswith("MinkowskiEngine-0.5.4.tar.gz")
+    assert re.fullmatch(r"[0-9a-f]{64}", args["MINKOWSKI_SDIST_SHA256"]), "the sdist must be pinned by hash"
+    assert 'echo "${MINKOWSKI_SDIST_SHA256}  MinkowskiEngine-0.5.4.tar.gz" | sha256sum -c -' in text
+    assert text.index("sha256sum -c") < text.index("tar xzf MinkowskiEngine-0.5.4.tar.gz")
+    assert "patch_cuda_sources.py" in text and "patch_canonical_maps.py" in text
     assert re.search(r"setuptools==6\d\.", text), "MinkowskiEngine's setup.py needs setuptools < 70"
     assert "--blas=openblas" in text and "${ME_BUILD_FLAG}" in text
     env = " ".join(c.original for c in stage("build-base-cuda").commands if c.cmd == "ENV")
     assert "ME_BUILD_FLAG=--force_cuda" in env
     env = " ".join(c.original for c in stage("build-base-cpu").commands if c.cmd == "ENV")
     assert "ME_BUILD_FLAG=--cpu_only" in env
+    # The toolkit leaves again after the build: the runtime copies /opt/venv.
+    assert "xargs pip uninstall -y" in text and "nv_fatbin" in text
 
 
 def test_final_stage_runs_as_non_root_with_healthcheck_ports_and_entrypoint():

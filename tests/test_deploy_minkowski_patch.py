@@ -31,12 +31,13 @@ patcher = load_patcher()
 
 
 def sdist_url_and_sha256() -> tuple[str, str]:
+    """The sdist the Dockerfile fetches and the hash its ``sha256sum -c`` checks."""
     text = (DOCKER / "Dockerfile").read_text()
-    match = re.search(
-        r"ADD --checksum=sha256:([0-9a-f]{64}) \\\s*\n\s*(https://\S+MinkowskiEngine-0\.5\.4\.tar\.gz)", text
-    )
-    assert match, "the Dockerfile no longer ADDs the pinned MinkowskiEngine sdist"
-    return match.group(2), match.group(1)
+    url = re.search(r"^ARG MINKOWSKI_SDIST_URL=(https://\S+/MinkowskiEngine-0\.5\.4\.tar\.gz)$", text, re.M)
+    sha256 = re.search(r"^ARG MINKOWSKI_SDIST_SHA256=([0-9a-f]{64})$", text, re.M)
+    assert url and sha256, "the Dockerfile no longer pins the MinkowskiEngine sdist by URL and hash"
+    assert 'echo "${MINKOWSKI_SDIST_SHA256}  MinkowskiEngine-0.5.4.tar.gz" | sha256sum -c -' in text
+    return url.group(1), sha256.group(1)
 
 
 @pytest.fixture(scope="module")
