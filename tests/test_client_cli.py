@@ -126,7 +126,7 @@ def test_bad_files_are_named_with_their_flag(tum_dir, tmp_path):
         (pair_args(tum_dir, depth=small),
          f"error: --depth {small} is 320×240 but --color {rgb} is 640×480: depth must be registered"),
         (pair_args(tum_dir, depth=tmp_path / "missing.png"),
-         f"No such file or directory: '{tmp_path}/missing.png'"),
+         f"error: --depth {tmp_path}/missing.png: No such file or directory"),
         (["--folder", str(tum_dir), "--intrinsics-set", "nope"],
          "error: --intrinsics-set: 'nope' is not in "),
         (["--folder", str(tmp_path)], "frames.json"),

@@ -207,6 +207,15 @@ def test_pca_colours_are_fitted_once_and_deterministic(rng):
     )
 
 
+def test_a_frame_without_points_leaves_the_pca_fit_to_a_later_frame(rng):
+    """A frame with no points (every depth out of range) is not an error: the outputs show it,
+    and the colours are fitted on the first frame that has points."""
+    pca = FeaturePCA()
+    assert pca.colors(np.zeros((0, 256), dtype=np.float32)).shape == (0, 3) and not pca.fitted
+    later = fake_result(400, rng).features
+    np.testing.assert_array_equal(pca.colors(later), FeaturePCA().fit(later).colors(later))
+
+
 def test_encode_a_tum_sequence_to_npz(live, tmp_path):
     seq = tmp_path / "seq"
     seq.mkdir()

@@ -26,6 +26,10 @@ pytest.importorskip("rosbags", reason="the [ros] extra (rosbags) is not installe
 from bifusion_client.sources import read_rosbag
 from bifusion_client.sources.timing import associate
 
+UNPAIRED = (
+    "1 of 5 colour images and 1 of 5 depth images left out: no partner within 0.02 s "
+    "(--max-time-difference; TUM's associate.py pairs the same way)"
+)
 CASES = [
     ("ros1", "rgb8", "16UC1"),
     ("sqlite3", "bgr8", "32FC1"),
@@ -90,6 +94,7 @@ def test_a_colour_image_before_the_first_tf_is_skipped_with_a_warning(tmp_path):
     warnings = []
     frames = list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, warn=warnings.append))
     assert [f.frame_id for f in frames] == ["1305031102.211214", "1305031102.275326", "1305031102.311267"]
+    assert warnings.pop(0) == f"--bag {path}: {UNPAIRED}"
     assert len(warnings) == 1
     assert warnings[0].startswith("colour image at 1305031102.175304 skipped: no T_world_camera_rgb_optical")
     assert "tf 'odom' -> 'base_link': time 1305031102.175304 is outside the poses' span" in warnings[0]
@@ -121,6 +126,9 @@ def test_a_bag_without_tf_gives_frames_without_a_pose(tmp_path):
     warnings = []
     frames = list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, warn=warnings.append))
     assert len(frames) == 4 and all(f.cam_to_world is None for f in frames)
-    assert warnings == ["the bag has no /tf or /tf_static: frames are sent without a pose (identity)"]
+    assert warnings == [
+        "the bag has no /tf or /tf_static: frames are sent without a pose (identity)",
+        f"--bag {path}: {UNPAIRED}",  # pairing says what it left out, and why
+    ]
     with pytest.raises(ValueError, match="--world-frame 'world': the bag has no /tf"):
         list(read_rosbag(path, COLOR_TOPIC, DEPTH_TOPIC, world_frame="world"))

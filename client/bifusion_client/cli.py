@@ -4,6 +4,8 @@ generate load."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import io
 import json
 import os
@@ -17,15 +19,30 @@ from PIL import Image, UnidentifiedImageError
 
 from . import encode_io
 from .api import DEFAULT_MAX_MESSAGE_BYTES, BiFusionClient
-from .arg_types import finite_float, non_negative_float, non_negative_int, positive_float, positive_int
-from .depth_check import depth_scale_warning
+from .arg_types import (
+    DEFAULT_PORT,
+    address,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from .depth_check import depth_scale_warning, median_depth_m
 from .frames_folder import FolderFrame, load_frames_folder
 from .loadgen import run_load
+from .make_bag import DEFAULT_CAMERA_FRAME, DEFAULT_WORLD_FRAME, write_frames_bag
 from .model_info import model_info_dict
+from .new_outputs import NewOutputs
 from .progress import emit, progress_bar, warn
 from .request import COLOR_FORMATS, DEPTH_FORMATS, request_from_folder_frame
+from .sinks.bag_writer import BAG_FORMATS, bag_format_for
+from .sources import read_folder
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# What gRPC says when a channel could not connect (refused, no route, unknown host).
+NOT_CONNECTED = ("failed to connect", "connection refused", "dns resolution failed", "name resolution")
+REACH_TIMEOUT_S = 20.0  # the first call, when --timeout is not given: a server that is there answers at once
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         sys.exit(args.run(args))
     except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(f"error: {rpc_error_text(error, args.address)}", file=sys.stderr)
         sys.exit(1)
     except KeyError as error:  # str() of a KeyError is the repr of its message: print the message
         print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
@@ -43,6 +60,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def rpc_error_text(error: grpc.RpcError, address: str) -> str:
+    """``CODE: details``; when the channel could not connect at all, the address it tried."""
+    text = f"{error.code().name}: {error.details()}"
+    if error.code() == grpc.StatusCode.UNAVAILABLE and any(
+        words in (error.details() or "").lower() for words in NOT_CONNECTED
+    ):
+        text += f" (is the server running at {address}?)"
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports an unknown flag with the usage of the subcommand it followed, not the top level's,
+    and the nearest flag that exists."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.subcommands.get(getattr(parsed, "command", None), self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            unknown = [extra for extra in extras if extra.startswith("-")]
+            near = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1) if unknown else []
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -61,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = connection.add_argument_group("connection")
     group.add_argument(
         "--address",
+        type=address,
         default=os.environ.get("BIFUSION_ADDRESS", DEFAULT_ADDRESS),
-        help="host:port of the server (env BIFUSION_ADDRESS)",
+        help=f"host[:port] of the server, port {DEFAULT_PORT} when none is given (env BIFUSION_ADDRESS)",
     )
     group.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (turns TLS on)")
     group.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
@@ -80,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest message sent or received",
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bifusion-client",
         description="Client of the BiFusion encoder service (numpy in, numpy out).",
         formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = commands.choices
 
     encode = commands.add_parser(
         "encode", parents=[connection], formatter_class=_HelpFormatter,
@@ -146,12 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser(
         "info", parents=[connection], formatter_class=_HelpFormatter,
         help="print the model info as JSON (typed values, config as an object)",
+        description="Print the server's ModelInfo as JSON: the model, its device and checkpoint, "
+        "the server's limits (max_points, message size, batch size), every field typed and the "
+        "checkpoint config as a nested object.",
     )  # fmt: skip
     info.set_defaults(run=run_info)
 
     health = commands.add_parser(
         "health", parents=[connection], formatter_class=_HelpFormatter,
         help="exit 0 only when the server reports SERVING",
+        description="Ask the server's grpc.health.v1 service and print its status: SERVING (exit 0), "
+        "NOT_SERVING while the model loads, warms up or drains, or UNREACHABLE (exit 1 for both).",
     )  # fmt: skip
     health.add_argument("--service", default="", help="service name to ask about ('' = overall)")
     health.set_defaults(run=run_health)
@@ -159,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", parents=[connection], formatter_class=_HelpFormatter,
         help="load generator: latency percentiles and frames/s as JSON",
+        description="Send the frames of a frames.json folder from concurrent clients (one channel "
+        "each) and print JSON: frames/s, p50/p95/p99/mean/max latency, mean batch size, request "
+        "and response bytes per frame, errors by status code. Exit 1 when any call failed.",
     )  # fmt: skip
     bench.add_argument("--folder", type=Path, required=True, help="folder with frames.json")
     bench.add_argument("--intrinsics-set", default="ros_default", help="intrinsics set of frames.json")
@@ -171,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed frames per client first")
     _add_frame_options(bench)
     bench.set_defaults(run=run_bench)
+
+    make_bag = commands.add_parser(
+        "make-bag", formatter_class=_HelpFormatter,
+        help="write a ROS bag from a frames.json folder, to try encode --bag on",
+        description="Write the frames of a frames.json folder (e.g. ../shared/data/tum_fr1_xyz) into a "
+        "ROS bag as a camera driver records them: colour (rgb8), depth (16UC1 mm), CameraInfo and the "
+        "poses as tf, at each frame's colour time stamp. The topics are encode's defaults, so "
+        "'encode --bag PATH' reads it without topic flags (docs/robotics.md). Needs [ros].",
+    )  # fmt: skip
+    make_bag.add_argument("--folder", type=Path, required=True, help="folder with frames.json")
+    make_bag.add_argument("--intrinsics-set", default="ros_default", help="intrinsics set of frames.json")
+    make_bag.add_argument("--limit", type=positive_int, help="the first LIMIT frames only")
+    make_bag.add_argument(
+        "--out-bag", type=Path, required=True, metavar="PATH",
+        help="a *.bag path gives a ROS 1 bag, anything else a ROS 2 bag folder in MCAP; never overwritten",
+    )  # fmt: skip
+    make_bag.add_argument("--out-bag-format", choices=BAG_FORMATS, help="ros1, sqlite3 or mcap, explicitly")
+    make_bag.add_argument("--color-topic", default=encode_io.DEFAULT_COLOR_TOPIC, metavar="TOPIC")
+    make_bag.add_argument("--depth-topic", default=encode_io.DEFAULT_DEPTH_TOPIC, metavar="TOPIC")
+    make_bag.add_argument("--world-frame", default=DEFAULT_WORLD_FRAME, help="tf parent of the camera")
+    make_bag.add_argument("--camera-frame", default=DEFAULT_CAMERA_FRAME, help="the images' frame_id")
+    make_bag.set_defaults(run=run_make_bag)
     return parser
 
 
@@ -222,34 +297,94 @@ def frame_options(args) -> dict:
 
 
 def run_encode(args) -> int:
+    """Everything that can fail at once fails before an output exists: the flags, the source's
+    first frame, the server (reached for its limits). A run that ends with no frame of points
+    written removes what it created, so the corrected re-run finds nothing in its way."""
+    encode_io.check_outputs(args)
     options = frame_options(args)
     options["world_points"] = options["world_points"] or encode_io.wants_world_points(args)
     if args.color:
-        pair = _pair_frame(args)  # the files' own bytes go on the wire; the outputs need pixels
-        frames = [encode_io.pair_frame(args, pair.cam_to_world)]
-        work = ((frames[0], _frame_request(p, options)) for p in _warn_if_misscaled([pair], args))
+        first = _pair_frame(args)  # the files' own bytes go on the wire; the outputs need pixels
+        work = iter([(encode_io.pair_frame(args, first.cam_to_world), first)])
+        total = 1
     else:
         frames = encode_io.open_frames(args)
-        work = ((f, _frame_request(f, options)) for f in _warn_if_misscaled(frames, args))
-    total = len(frames) if hasattr(frames, "__len__") else getattr(frames, "count", None)
-    sinks = encode_io.open_sinks(args)
-    try:
-        with connect(args) as client, progress_bar(total, "encode", not args.no_progress) as bar:
-            for frame, result in encode_io.encode_frames(client, work, args.stream):
-                written = [sink.write(frame, result) for sink in sinks]
-                summary = {
-                    "frame_id": result.frame_id,
-                    "path": str(written[0]) if args.out else None,
-                    "num_points": result.num_points,
-                    "valid_ratio": round(result.valid_ratio, 6),
-                    "gate_mean": round(result.gate_mean, 6),
-                    "model_id": result.model_id,
-                }
-                emit(json.dumps(summary))
-                bar.update()
-    finally:
+        total = len(frames) if hasattr(frames, "__len__") else getattr(frames, "count", None)
+        first, frames = encode_io.read_first(frames, args)
+        work = ((frame, frame) for frame in frames)
+    _check_depth_scale(first, args)
+    with connect(args) as client:
+        info = reach(client, args)
+        created = NewOutputs(encode_io.output_paths(args))
+        sinks: list = []
+        count = with_points = 0
+        try:
+            sinks = encode_io.open_sinks(args)
+            requests = ((frame, _frame_request(source, options)) for frame, source in work)
+            with progress_bar(total, "encode", not args.no_progress) as bar:
+                for frame, result in encode_io.encode_frames(client, requests, args.stream):
+                    written = [sink.write(frame, result) for sink in sinks]
+                    count += 1
+                    with_points += result.num_points > 0
+                    summary = {
+                        "frame_id": result.frame_id,
+                        "path": str(written[0]) if args.out else None,
+                        "num_points": result.num_points,
+                        "valid_ratio": round(result.valid_ratio, 6),
+                        "gate_mean": round(result.gate_mean, 6),
+                        "model_id": result.model_id,
+                    }
+                    emit(json.dumps(summary))
+                    bar.update()
+            if not with_points:
+                raise ValueError(_no_points_message(count, first, info, args))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                encode_io.close_sinks(sinks)
+            if not with_points:
+                created.remove()
+            raise
         encode_io.close_sinks(sinks)
     return 0
+
+
+def reach(client: BiFusionClient, args):
+    """The server's ModelInfo, asked before any output is created: the server is there, the
+    token is right, and ``--max-points`` is within its limit (named as the user typed it)."""
+    info = client.model_info(timeout=args.timeout or REACH_TIMEOUT_S)
+    limit = info.limits.max_points
+    if limit and args.max_points and args.max_points > limit:
+        raise ValueError(
+            f"--max-points {args.max_points} is over the server's limit of {limit} points per frame "
+            f"(ModelInfo limits.max_points); ask for {limit} or fewer"
+        )
+    return info
+
+
+def _no_points_message(count: int, first, info, args) -> str:
+    """Why a run whose every frame came back empty is an error, and what to check."""
+    config = model_info_dict(info).get("config")
+    low, high = (
+        (config.get("min_depth"), config.get("max_depth")) if isinstance(config, dict) else (None, None)
+    )
+    band = (
+        f"the model's {low:g}–{high:g} m"
+        if low is not None and high is not None
+        else "the model's depth range"
+    )
+    median = median_depth_m(first.depth, first.depth_scale)
+    whose = "the first frame's" if count > 1 else "its"
+    seen = (
+        f"{whose} depth image has no readings"
+        if median is None
+        else f"{whose} median depth is {median:.2f} m at depth scale {first.depth_scale:g}"
+    )
+    flag = " (--depth-scale)" if args.color else ""
+    frames = "the frame" if count == 1 else f"all {count} frames"
+    return (
+        f"{frames} came back with 0 points: no depth within {band} ({seen}); is the depth "
+        f"scale right{flag}? Nothing was kept."
+    )
 
 
 def _frame_request(frame, options: dict):
@@ -262,13 +397,19 @@ def _frame_request(frame, options: dict):
 def _warn_if_misscaled(frames: Iterable[FolderFrame], args) -> Iterator[FolderFrame]:
     """Passes the frames through; checks the first one's depth scale (a setting, not per frame)."""
     for index, frame in enumerate(frames):
-        if index == 0 and frame.depth is not None:
-            depth_file = getattr(args, "depth", None)
-            where = f"--depth {depth_file}" if depth_file else f"frame {frame.frame_id}"
-            warning = depth_scale_warning(frame.depth, frame.depth_scale, where)
-            if warning:
-                warn(warning)
+        if index == 0:
+            _check_depth_scale(frame, args)
         yield frame
+
+
+def _check_depth_scale(frame, args) -> None:
+    if frame.depth is None:
+        return
+    depth_file = getattr(args, "depth", None)
+    where = f"--depth {depth_file}" if depth_file else f"frame {frame.frame_id}"
+    warning = depth_scale_warning(frame.depth, frame.depth_scale, where)
+    if warning:
+        warn(warning)
 
 
 def _pair_frame(args) -> FolderFrame:
@@ -299,7 +440,7 @@ def _pair_frame(args) -> FolderFrame:
 
 def _read_image(path: Path, flag: str, what: str) -> tuple[bytes, Image.Image]:
     """The file's bytes and its header (Pillow opens lazily: nothing is decoded here)."""
-    data = path.read_bytes()  # a missing file raises OSError naming it
+    data = read_file(path, flag)
     try:
         return data, Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -310,12 +451,21 @@ def _size(image: Image.Image) -> str:
     return f"{image.size[0]}×{image.size[1]}"
 
 
+def read_file(path: Path, flag: str) -> bytes:
+    """The file's bytes; a file that cannot be read is named with its flag."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise type(error)(f"{flag} {path}: {error.strerror or error}") from None
+
+
 def parse_pose(values: Sequence[str]) -> np.ndarray:
     """16 numbers, or one .npy / text file holding a 4×4 (or 16 numbers)."""
     try:
         if len(values) == 1:
             path = Path(values[0])
-            pose = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
+            data = io.BytesIO(read_file(path, "--pose"))
+            pose = np.load(data) if path.suffix == ".npy" else np.loadtxt(data)
         else:
             pose = np.asarray([float(v) for v in values])
         pose = np.asarray(pose, dtype=np.float64)
@@ -338,14 +488,30 @@ def run_health(args) -> int:
         try:
             status = client.health(args.service, timeout=args.timeout or 5.0)
         except grpc.RpcError as error:
-            status = f"UNREACHABLE ({error.code().name}: {error.details()})"
+            status = f"UNREACHABLE ({rpc_error_text(error, args.address)})"
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def run_make_bag(args) -> int:
+    frames = read_folder(args.folder, intrinsics=args.intrinsics_set, limit=args.limit)
+    fmt = bag_format_for(args.out_bag, args.out_bag_format)
+    count = write_frames_bag(
+        frames, args.out_bag, fmt, args.color_topic, args.depth_topic, args.world_frame, args.camera_frame
+    )
+    print(json.dumps({"bag": str(args.out_bag), "format": fmt, "frames": count,
+                      "color_topic": args.color_topic, "depth_topic": args.depth_topic,
+                      "world_frame": args.world_frame}))  # fmt: skip
+    return 0
 
 
 def run_bench(args) -> int:
     frames = load_frames_folder(args.folder, intrinsics=args.intrinsics_set)
     requests = [_frame_request(frame, frame_options(args)) for frame in _warn_if_misscaled(frames, args)]
+    if not requests:
+        raise ValueError(f"--folder {args.folder}: no frames to send")
+    with connect(args) as client:
+        reach(client, args)
     total = None if args.duration else (args.frames or 32)
     with progress_bar(total, "bench", not args.no_progress) as bar:
         report = run_load(

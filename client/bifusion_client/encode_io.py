@@ -10,11 +10,13 @@ import argparse
 import sys
 from collections import deque
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 import grpc
 
-from .sinks.bag_writer import BAG_FORMATS
+from .extras import require
+from .sinks.bag_writer import BAG_FORMATS, bag_format_for, refuse_existing
 from .sinks.colors import FeaturePCA
 from .sinks.npz import NpzSink
 from .sinks.pictures import PicturesSink
@@ -45,7 +47,7 @@ def add_source_options(parser: argparse.ArgumentParser, sources) -> None:
         "--color-topic",
         default=DEFAULT_COLOR_TOPIC,
         metavar="TOPIC",
-        help="sensor_msgs/Image, rgb8 or bgr8 (default: %(default)s)",
+        help="sensor_msgs/Image: rgb8, bgr8, rgba8 or bgra8 (default: %(default)s)",
     )
     group.add_argument(
         "--depth-topic", default=DEFAULT_DEPTH_TOPIC, metavar="TOPIC",
@@ -109,6 +111,25 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def output_paths(args) -> list:
+    return [path for path in (args.out, args.ply, args.pictures, args.out_bag, args.rerun) if path]
+
+
+def check_outputs(args) -> None:
+    """What can be told about the outputs before anything is read, sent or created."""
+    if not output_paths(args):
+        raise ValueError(f"encode needs at least one output: {', '.join(OUTPUT_FLAGS)}")
+    for flag, folder in (("--out-dir", args.out), ("--ply", args.ply), ("--pictures", args.pictures)):
+        if folder and folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{flag} {folder}: is a file; it names a folder to write into")
+    if args.out_bag:
+        require("rosbags.typesys", "ros", "--out-bag")
+        bag_format_for(args.out_bag, args.out_bag_format)
+        refuse_existing(args.out_bag)
+    if args.rerun:
+        require("rerun", "rerun", "--rerun")
+
+
 def wants_world_points(args) -> bool:
     return bool(args.ply or args.out_bag or args.rerun)
 
@@ -159,8 +180,6 @@ def pair_frame(args, pose) -> RGBDFrame:
 
 def open_sinks(args) -> list:
     """The writers the output flags ask for; they share one PCA so their colours agree."""
-    if not any((args.out, args.ply, args.pictures, args.out_bag, args.rerun)):
-        raise ValueError(f"encode needs at least one output: {', '.join(OUTPUT_FLAGS)}")
     pca = FeaturePCA()
     sinks = []
     try:
@@ -187,8 +206,34 @@ def open_sinks(args) -> list:
 
 
 def close_sinks(sinks) -> None:
+    """Closes every sink; raises the first error after trying them all."""
+    errors = []
     for sink in sinks:
-        sink.close()
+        try:
+            sink.close()
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+def source_name(args) -> str:
+    for flag in ("bag", "tum", "folder", "color"):
+        if getattr(args, flag, None):
+            return f"--{flag} {getattr(args, flag)}"
+    return "the source"
+
+
+def read_first(frames, args) -> tuple:
+    """The source's first frame, read now, so that a source that cannot be read (a topic or tf
+    frame the bag lacks, a missing file) fails before any output exists; and all the frames,
+    the first included."""
+    frames = iter(frames)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise ValueError(f"{source_name(args)}: no frames to encode") from None
+    return first, chain((first,), frames)
 
 
 def encode_frames(client, frames_and_requests, stream: bool) -> Iterator:

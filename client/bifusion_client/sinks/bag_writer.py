@@ -21,17 +21,23 @@ def bag_format_for(path: str | Path, fmt: str | None = None) -> str:
     return "ros1" if Path(path).suffix == ".bag" else "mcap"
 
 
+def refuse_existing(path: str | Path, flag: str = "--out-bag") -> None:
+    if Path(path).exists():
+        raise FileExistsError(
+            f"{flag}: {path} exists already; bags are never overwritten (remove it or choose another path)"
+        )
+
+
 class BagWriter:
     """One bag being written. ``message(msgtype, **fields)`` builds a message of this bag's ROS
     version (ROS 1's ``seq`` and upper-case CameraInfo matrices are filled in from the ROS 2
     names); ``write(topic, msg, stamp)`` appends it, ``stamp`` in seconds."""
 
-    def __init__(self, path: str | Path, fmt: str | None = None):
+    def __init__(self, path: str | Path, fmt: str | None = None, flag: str = "--out-bag"):
         typesys = require("rosbags.typesys", "ros", "writing bags")
         self.path = Path(path)
         self.format = bag_format_for(path, fmt)
-        if self.path.exists():
-            raise FileExistsError(f"--out-bag: {self.path} exists already; bags are never overwritten")
+        refuse_existing(self.path, flag)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.format == "ros1":
             from rosbags.rosbag1 import Writer

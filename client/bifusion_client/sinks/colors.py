@@ -38,7 +38,7 @@ class FeaturePCA:
     """Features -> RGB by their three principal components, fitted once and then reused.
 
     The fit (mean, axes, and the 1st-99th percentile range of each component, mapped to 0..255)
-    comes from the first frame it sees (an even sample of up to 4096 of its points), so every
+    comes from the first frame with points it sees (an even sample of up to 4096 of its points), so every
     later frame of the run is coloured by the same projection and the colours are comparable
     across frames.
     """
@@ -82,6 +82,8 @@ class FeaturePCA:
         if self._last is not None and self._last[0] is features:
             return self._last[1]
         if not self.fitted:
+            if len(features) < 2:  # a frame without points (facing the sky): fit on a later one
+                return np.full((len(features), 3), 128, dtype=np.uint8)
             self.fit(features)
         # float32 projection: a 20 000 × 256 frame is not copied to float64
         projected = np.asarray(features, dtype=np.float32) @ self.axes.T.astype(np.float32) - self._offset

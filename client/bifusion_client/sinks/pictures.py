@@ -56,12 +56,13 @@ def paint(owner: np.ndarray, colors: np.ndarray) -> np.ndarray:
 
 def frame_picture(frame, result, pca: FeaturePCA) -> Image.Image:
     valid = result.valid.astype(bool)
+    valid_share = valid.mean() if len(valid) else 0.0
     owner = point_owner(result.point_indices.astype(np.int64), np.isfinite(frame.depth_metres()))
     valid_colors = np.where(valid[:, None], np.array(VALID, np.uint8), np.array(NOT_VALID, np.uint8))
     alpha_colors = np.where(valid[:, None], heat_colors(result.alpha), np.array(NOT_VALID_GREY, np.uint8))
     panels = [
         (frame.color, f"{frame.frame_id}  colour"),
-        (paint(owner, valid_colors), f"valid: {valid.mean():.0%} of {len(valid)} points (red: not valid)"),
+        (paint(owner, valid_colors), f"valid: {valid_share:.0%} of {len(valid)} points (red: not valid)"),
         (paint(owner, alpha_colors), f"alpha 0..1 (dark..bright), gate mean {result.gate_mean:.3f}"),
         (paint(owner, pca.colors(result.features)), "features: PCA to RGB (fit on the first frame)"),
     ]

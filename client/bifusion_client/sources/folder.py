@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .frame import CountedFrames, RGBDFrame
-from .tum import load_color, load_depth
+from .tum import load_color, load_depth, load_image
 
 
 def read_folder(
@@ -20,7 +20,12 @@ def read_folder(
     manifest = folder / "frames.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"--folder: {manifest} not found")
-    meta = json.loads(manifest.read_text())
+    try:
+        meta = json.loads(manifest.read_text())
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"--folder: {manifest} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"--folder: {manifest} must hold a JSON object, not a {type(meta).__name__}")
     sets = meta.get("intrinsics", {})
     if intrinsics not in sets:
         raise ValueError(
@@ -42,8 +47,8 @@ def _frames(folder, entries, k, depth_scale):
         stamp = entry.get("rgb_timestamp")
         yield RGBDFrame(
             frame_id=Path(entry["rgb"]).stem,
-            color=load_color(folder / entry["rgb"]),
-            depth=load_depth(folder / entry["depth"]),
+            color=load_image(load_color, folder / entry["rgb"], "--folder"),
+            depth=load_image(load_depth, folder / entry["depth"], "--folder"),
             depth_scale=depth_scale,
             intrinsics=dict(k),
             cam_to_world=None if pose is None else np.asarray(pose, dtype=np.float64),

@@ -93,3 +93,26 @@ class PoseTrack:
         translation = (1.0 - s) * self.translations[lower] + s * self.translations[upper]
         rotation = slerp(self.quaternions[lower], self.quaternions[upper], s)
         return pose_matrix(translation, rotation)
+
+
+def matrix_to_quaternion(rotation) -> np.ndarray:
+    """Rotation 3×3 -> unit quaternion x, y, z, w (the inverse of :func:`quaternion_to_matrix`),
+    from the largest of the four diagonal combinations, so no branch divides by a small number."""
+    m = np.asarray(rotation, dtype=np.float64)
+    trace = np.trace(m)
+    candidates = [trace, m[0, 0], m[1, 1], m[2, 2]]
+    k = int(np.argmax(candidates))
+    if k == 0:
+        s = 2.0 * np.sqrt(1.0 + trace)
+        q = [(m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, s / 4]
+    elif k == 1:
+        s = 2.0 * np.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2])
+        q = [s / 4, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s]
+    elif k == 2:
+        s = 2.0 * np.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2])
+        q = [(m[0, 1] + m[1, 0]) / s, s / 4, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s]
+    else:
+        s = 2.0 * np.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1])
+        q = [(m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, s / 4, (m[1, 0] - m[0, 1]) / s]
+    q = np.asarray(q)
+    return q / np.linalg.norm(q)

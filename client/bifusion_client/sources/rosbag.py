@@ -19,7 +19,7 @@ from ..extras import require
 from .frame import RGBDFrame
 from .ros_image import camera_matrix, color_from_image, depth_from_image, stamp_nanoseconds, stamp_seconds
 from .tf_tree import TfTree
-from .timing import DEFAULT_MAX_DIFFERENCE_S, associate
+from .timing import DEFAULT_MAX_DIFFERENCE_S, associate, unpaired_warning
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
@@ -92,6 +92,9 @@ def read_rosbag(
             )
         camera = camera_frame or index.color[0][1]
         world = _world_frame(index.tf, world_frame, camera, warn)
+        unpaired = unpaired_warning(len(color_ns), len(depth_ns), len(pairs), max_difference)
+        if unpaired:
+            warn(f"--bag {path}: {unpaired}")
         # images are matched across the two passes by topic and header stamp
         depth_of = {int(color_ns[i]): int(depth_ns[j]) for i, j in pairs[:limit]}
         yield from _frames(

@@ -40,3 +40,18 @@ def associate(first, second, max_difference: float = DEFAULT_MAX_DIFFERENCE_S) -
             used_a[ia] = used_b[jb] = True
             pairs.append((ia, jb))
     return sorted(pairs)
+
+
+def unpaired_warning(colors: int, depths: int, pairs: int, max_difference: float) -> str | None:
+    """What pairing left out and why; None when every image found its partner."""
+    left = [
+        f"{count - pairs} of {count} {kind} images"
+        for count, kind in ((colors, "colour"), (depths, "depth"))
+        if count > pairs
+    ]
+    if not left:
+        return None
+    return (
+        f"{' and '.join(left)} left out: no partner within {max_difference:g} s "
+        "(--max-time-difference; TUM's associate.py pairs the same way)"
+    )

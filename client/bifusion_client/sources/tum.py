@@ -15,7 +15,7 @@ from PIL import Image
 
 from .frame import CountedFrames, RGBDFrame
 from .poses import PoseTrack
-from .timing import DEFAULT_MAX_DIFFERENCE_S, associate
+from .timing import DEFAULT_MAX_DIFFERENCE_S, associate, unpaired_warning
 
 TUM_DEPTH_SCALE = 5000.0  # TUM depth PNGs: metres = value / 5000
 # Intrinsics of TUM's cameras (https://cvg.cit.tum.de/data/datasets/rgbd-dataset/file_formats).
@@ -91,6 +91,9 @@ def read_tum(
     pairs = associate(rgb_stamps, depth_stamps, max_difference)
     if not pairs:
         raise ValueError(f"--tum: no colour image in {folder} has a depth image within {max_difference} s")
+    unpaired = unpaired_warning(len(rgb_stamps), len(depth_stamps), len(pairs), max_difference)
+    if unpaired and warn:
+        warn(f"--tum {folder}: {unpaired}")
     pairs = pairs[:limit]
     frames = _frames(folder, pairs, rgb_stamps, rgb_rows, depth_rows, intrinsics, depth_scale, track, warn)
     return CountedFrames(frames, len(pairs))
@@ -108,13 +111,22 @@ def _frames(folder, pairs, rgb_stamps, rgb_rows, depth_rows, intrinsics, depth_s
             pose = track.at(stamp)
         yield RGBDFrame(
             frame_id=Path(rgb_rows[i][0]).stem,
-            color=load_color(folder / rgb_rows[i][0]),
-            depth=load_depth(folder / depth_rows[j][0]),
+            color=load_image(load_color, folder / rgb_rows[i][0], "--tum"),
+            depth=load_image(load_depth, folder / depth_rows[j][0], "--tum"),
             depth_scale=depth_scale,
             intrinsics=dict(intrinsics),
             cam_to_world=pose,
             stamp=stamp,
         )
+
+
+def load_image(loader: Callable[[Path], np.ndarray], path: Path, flag: str) -> np.ndarray:
+    """``loader(path)``; a file that is missing or not an image is named with the source's flag."""
+    try:
+        return loader(path)
+    except OSError as error:
+        # the same kind (FileNotFoundError, …), so callers can still tell them apart
+        raise type(error)(f"{flag}: {path}: {error.strerror or error}") from None
 
 
 def load_color(path: Path) -> np.ndarray:
