@@ -206,12 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
         name = field.name
         default = getattr(defaults, name)
         kind = type(default) if default is not None else str
-        help_text = f"{HELP[name]} [env {env_name(name)}]"
+        help_text = f"{HELP[name]}{_default_text(default)} [env {env_name(name)}]"
         if kind is bool:
             parser.add_argument(f"--{_flag(name)}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(f"--{_flag(name)}", type=kind, metavar=name.upper(), help=help_text)
     return parser
+
+
+def _default_text(default) -> str:
+    """`` (default: …)`` for --help; the parser's own defaults stay None so that an unset flag
+    leaves the BIFUSION_* variable in charge."""
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    return f" (default: {default})"
 
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:

@@ -103,3 +103,23 @@ def test_token_never_appears_in_the_logged_config(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     assert load_config([], env={"BIFUSION_TOKEN_FILE": str(token_file)}).bearer_token() == "from-file"
+
+
+def test_help_shows_every_default():
+    """--help names each default beside its flag; the parser's own defaults stay None, so an
+    unset flag still leaves the BIFUSION_* variable in charge."""
+    from bifusion_server.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for words in (
+        "(default: 0.0.0.0) [env BIFUSION_HOST]",
+        "(default: 50051) [env BIFUSION_PORT]",
+        "(default: 9100) [env BIFUSION_METRICS_PORT]",
+        "(default: 64) [env BIFUSION_MAX_QUEUE]",
+        "(default: 30.0) [env BIFUSION_DRAIN_SECONDS]",
+        "(default: off) [env BIFUSION_AMP]",
+        "(default: on) [env BIFUSION_ACCESS_LOG]",
+    ):
+        assert words in text, words
+    assert "(default: None)" not in text
+    assert load_config([], env={"BIFUSION_PORT": "6000"}).port == 6000
