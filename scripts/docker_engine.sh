@@ -51,7 +51,7 @@ if ! [[ -x "$PLUGINS/docker-buildx" ]]; then
   # A private source list and state: the host's apt keeps seeing Debian 12 only.
   apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
     -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::Archives=$apt_dir/archives"
-    -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=")
+    -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=" -o "APT::Sandbox::User=root")
   apt-get "${apt_opts[@]}" update -qq || fail "apt-get update (trixie list) failed" "check that $MIRROR is reachable"
   (cd "$apt_dir" && apt-get "${apt_opts[@]}" download docker-buildx >/dev/null) \
     || fail "apt-get download docker-buildx failed" "download Debian 13's docker-buildx .deb by hand into $apt_dir"

@@ -83,6 +83,16 @@ def test_docker_compose_accepts_and_merges(files):
     assert {"encoder", "prometheus", "grafana"} <= set(merged["services"])
 
 
+def test_test_override_only_pins_images_and_swaps_prometheus():
+    """test/compose.test.yaml (the stack test's) changes nothing a user runs but where images come from."""
+    plain = compose_config("compose.yaml", "compose.cpu.yaml")["services"]
+    tested = compose_config("compose.yaml", "compose.cpu.yaml", "test/compose.test.yaml")["services"]
+    assert tested["encoder"].pop("pull_policy") == tested["prometheus"].pop("pull_policy") == "never"
+    assert tested["prometheus"].pop("image") == "bifusion-test/prometheus:debian"
+    plain["prometheus"].pop("image")
+    assert tested == plain
+
+
 def _gpu_devices(service: dict) -> list[dict]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
