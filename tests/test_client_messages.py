@@ -130,3 +130,15 @@ def test_tum_pairing_says_what_it_left_out(tmp_path):
     assert not warnings[1:] and read_tum(seq, tum_intrinsics("ros_default"), max_difference=0.05).count == 5
     assert unpaired_warning(5, 5, 5, 0.02) is None
     assert unpaired_warning(5, 3, 3, 0.02).startswith("2 of 5 colour images left out")
+
+
+def test_the_pairs_flags_with_another_source_are_refused_not_ignored(tmp_path):
+    """frames.json, TUM and bags carry their own depth scale: --depth-scale 50 with --folder
+    used to be ignored without a word."""
+    done = cli("encode", "--address", NOWHERE, "--folder", str(TUM_DIR), "--depth-scale", "50",
+               "--pose", "pose.txt", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 1 and not (tmp_path / "out").exists()
+    assert done.stderr.strip() == (
+        f"error: --depth-scale, --pose: only for --color/--depth; --folder {TUM_DIR} carries its own "
+        "depth scale, poses and frame ids"
+    )

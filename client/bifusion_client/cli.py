@@ -42,6 +42,9 @@ from .sources import read_folder
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # What gRPC says when a channel could not connect (refused, no route, unknown host).
 NOT_CONNECTED = ("failed to connect", "connection refused", "dns resolution failed", "name resolution")
+DEFAULT_DEPTH_SCALE = 1000.0
+# Flags of the --color/--depth pair; other sources carry their own (frames.json, TUM, a bag's encodings).
+PAIR_FLAGS = ("depth", "depth_scale", "pose", "frame_id")
 REACH_TIMEOUT_S = 20.0  # the first call, when --timeout is not given: a server that is there answers at once
 
 
@@ -150,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--depth", type=Path, help="16-bit depth PNG registered to --color (same size)")
     encode.add_argument(
-        "--depth-scale", type=positive_float, default=1000.0, help="with --depth: metres = value / scale"
+        "--depth-scale",
+        type=positive_float,
+        help=f"with --depth: metres = value / scale (default: {DEFAULT_DEPTH_SCALE})",
     )
     encode.add_argument(
         "--fx",
@@ -301,6 +306,7 @@ def run_encode(args) -> int:
     first frame, the server (reached for its limits). A run that ends with no frame of points
     written removes what it created, so the corrected re-run finds nothing in its way."""
     encode_io.check_outputs(args)
+    _check_pair_flags(args)
     options = frame_options(args)
     options["world_points"] = options["world_points"] or encode_io.wants_world_points(args)
     if args.color:
@@ -346,6 +352,19 @@ def run_encode(args) -> int:
             raise
         encode_io.close_sinks(sinks)
     return 0
+
+
+def _check_pair_flags(args) -> None:
+    """The pair's own flags with another source would be ignored without a word: refuse them."""
+    if args.color:
+        args.depth_scale = args.depth_scale or DEFAULT_DEPTH_SCALE
+        return
+    given = [f"--{name.replace('_', '-')}" for name in PAIR_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: only for --color/--depth; {encode_io.source_name(args)} carries its own "
+            "depth scale, poses and frame ids"
+        )
 
 
 def reach(client: BiFusionClient, args):
