@@ -1,9 +1,11 @@
 """Batched encoder vs a per-frame loop of the same encoder, on the real TUM frames.
 
 Prints JSON: frames/s and per-stage ms at each batch size, the loop's frames/s and the
-speed-up, measured interleaved in one run so machine noise hits both alike.
+speed-up, and (``--3d-per-frame``) the same batch with the U-Net and fusion run frame by
+frame (``group_3d = 1``, CLIP still batched), measured interleaved in one run so machine
+noise hits all alike.
 
-    python bench/encoder.py [--batch-sizes 1 4 8] [--repeats 3] [--device auto]
+    python bench/encoder.py [--batch-sizes 1 4 8] [--repeats 3] [--device auto] [--3d-per-frame]
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--3d-per-frame",
+        dest="per_frame_3d",
+        action="store_true",
+        help="also time each batch with the U-Net and fusion frame by frame (group_3d = 1)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="count host-side CUDA calls (cudaHostAlloc, ...) per batched encode",
@@ -66,6 +74,8 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         batch = [frames[i % len(frames)] for i in range(batch_size)]
         batched_s, loop_s, stages = [], [], []
+        split_s, split_stages = [], []
+        split = args.per_frame_3d and batch_size > 1
         # Untimed: a new batch size needs bigger pinned buffers, two of them since each call
         # runs while the previous results are held (below); allocating them costs ~0.5 ms/MB.
         results = encoder.encode(batch, options)
@@ -76,6 +86,12 @@ def main() -> None:
             results = encoder.encode(batch, options)
             batched_s.append(time.perf_counter() - start)
             stages.append(results[0].timings_ms)
+            if split:
+                encoder.group_3d = 1
+                start = time.perf_counter()
+                split_stages.append(encoder.encode(batch, options)[0].timings_ms)
+                split_s.append(time.perf_counter() - start)
+                encoder.group_3d = None
             start = time.perf_counter()
             for frame in batch:
                 encoder.encode([frame], options)
@@ -92,6 +108,7 @@ def main() -> None:
                 "speedup_vs_loop": round(loop / batched, 3),
                 "stage_ms": {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]},
                 "pinned_allocations_timed": pinned_allocations(encoder) - allocations,
+                **(split_row(batch_size, split_s, split_stages, batched) if split else {}),
                 **({"host_calls_per_encode": host_calls} if host_calls is not None else {}),
             }
         )
@@ -111,6 +128,16 @@ def main() -> None:
         },
     }
     print(json.dumps(report, indent=2))
+
+
+def split_row(batch_size: int, seconds: list[float], stages: list[dict], batched: float) -> dict:
+    """The batch with the U-Net and fusion frame by frame, against the whole batch."""
+    median = statistics.median(seconds)
+    return {
+        "3d_per_frame_frames_per_s": round(batch_size / median, 3),
+        "3d_per_frame_speedup_vs_batched": round(batched / median, 3),
+        "3d_per_frame_stage_ms": {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]},
+    }
 
 
 def pinned_allocations(encoder) -> int:

@@ -1,13 +1,16 @@
 """Serving overhead: frames/s and latency through gRPC vs the in-process encoder, same run.
 
 Measures, on the real TUM frames:
-- the in-process encoder's frames/s and latency, one frame per call and in batches of
-  --max-batch-size;
+- the in-process encoder's frames/s at each of --in-process-batch-sizes, with every stage on
+  the whole batch and (B > 1) with the U-Net and fusion frame by frame (``group_3d = 1``),
+  timed in interleaved rounds, and its batch-1 latency; the best of these is the rate the
+  served path is held to;
 - a ``python -m bifusion_server`` child loaded by closed-loop clients at each --concurrency,
   for each --transports entry: TCP with float32, float16, int8 or bfloat16 features, and
   ``shm`` (float32 outputs written into the client's shared memory); frames/s, p50/p95/p99
-  latency, mean batch size, the rate's ratio to the in-process batched rate and p50's ratio
-  to the in-process batch-1 latency;
+  latency, mean batch size, the rate's ratio to the best in-process rate and to the
+  in-process rate at the server's own batch policy (from GetModelInfo), and p50's ratio to
+  the in-process batch-1 latency;
 - response bytes per frame for each feature dtype against the raw tensor bytes;
 - request transport: PNG vs raw colour/depth at concurrency 1 (bytes and latency).
 
@@ -45,31 +48,48 @@ from bifusion_wire.tensor import point_bytes  # noqa: E402
 TRANSPORTS = ("float32", "float16", "int8", "bfloat16", "shm")
 
 
+def setting_label(batch_size: int, group_3d: int | None) -> str:
+    """As the server's batch policy names a setting (``B=8``, ``B=8 (3D per 1)``)."""
+    return f"B={batch_size}" + ("" if group_3d is None else f" (3D per {group_3d})")
+
+
 def in_process_rates(args) -> dict:
-    """The encoder's own frames/s, before any server exists (so nothing else competes)."""
+    """The encoder's own frames/s at each setting, before any server exists (so nothing else
+    competes): interleaved rounds of ``--repeats`` × 8 frames per setting."""
     from bifusion import BiFusionEncoder, EncodeOptions
 
     encoder = BiFusionEncoder(args.checkpoint, device=args.device)
     frames = real_frames(args.data)
     options = EncodeOptions(max_points=args.points)
     encoder.encode(frames[:2], options)  # warm-up
-    batch = [frames[i % len(frames)] for i in range(args.max_batch_size)]
-
-    def rate(groups) -> float:
-        encoder.encode(groups[0], options)  # untimed: a bigger batch allocates bigger pinned buffers
-        count, started = 0, time.perf_counter()
-        for _ in range(args.repeats):
-            for group in groups:
-                encoder.encode(group, options)
-                count += len(group)
-        return round(count / (time.perf_counter() - started), 3)
-
-    batch_1 = rate([[f] for f in batch])
+    frames_per_round = max(args.in_process_batch_sizes)
+    settings = [(b, None) for b in args.in_process_batch_sizes]
+    settings += [(b, 1) for b in args.in_process_batch_sizes if b > 1 and args.in_process_3d_per_frame]
+    seconds = dict.fromkeys(settings, 0.0)
+    for size, group in settings:  # untimed: a bigger batch allocates bigger pinned buffers
+        encoder.group_3d = group
+        encoder.encode([frames[i % len(frames)] for i in range(size)], options)
+    for _ in range(args.repeats):
+        for size, group in settings:
+            encoder.group_3d = group
+            batches = [
+                [frames[(start + i) % len(frames)] for i in range(size)]
+                for start in range(0, frames_per_round, size)
+            ]
+            started = time.perf_counter()
+            for batch in batches:
+                encoder.encode(batch, options)
+            seconds[(size, group)] += time.perf_counter() - started
+    encoder.group_3d = None
+    rates = {setting_label(*s): round(args.repeats * frames_per_round / t, 3) for s, t in seconds.items()}
+    best = max(rates, key=rates.get)
+    batch_1 = rates[setting_label(1, None)]
     return {
         "device": str(encoder.device),
+        "frames_per_s": rates,
+        "best": {"setting": best, "frames_per_s": rates[best]},
         "frames_per_s_batch_1": batch_1,
         "latency_ms_batch_1": round(1000.0 / batch_1, 1),
-        f"frames_per_s_batch_{args.max_batch_size}": rate([batch]),
     }
 
 
@@ -80,7 +100,7 @@ class ServerChild:
         self,
         device: str,
         checkpoint: str | None = None,
-        max_batch_size: int = 8,
+        max_batch_size: int | str = "auto",
         max_batch_delay_ms: float = 5.0,
         max_queue: int = 64,
         instances: str = "auto",
@@ -144,7 +164,27 @@ def response_sizes(address: str, folder_frame, points: int, transports) -> dict:
     return {"points": result.num_points, **sizes}
 
 
-def served_levels(address: str, transport: str, folder_frames, args, in_process: dict) -> list[dict]:
+def batch_policy(address: str) -> dict:
+    """The server's batch policy as GetModelInfo reports it."""
+    with BiFusionClient(address) as client:
+        info = client.model_info()
+    policy = info.batch_policy
+    setting = setting_label(info.limits.max_batch_size, policy.unet_frames or None)
+    return {
+        "setting": setting,
+        "measured": policy.measured,
+        "sweep_seconds": round(policy.sweep_seconds, 1),
+        "sweep_ms_per_frame": {
+            setting_label(t.batch_size, t.unet_frames or None): round(1000 * t.seconds_per_frame, 1)
+            for t in policy.sweep
+        },
+        "sweep_calls": {setting_label(t.batch_size, t.unet_frames or None): t.calls for t in policy.sweep},
+    }
+
+
+def served_levels(
+    address: str, transport: str, folder_frames, args, in_process: dict, policy: dict
+) -> list[dict]:
     """Closed-loop load at each concurrency for one transport."""
     dtype = "float32" if transport == "shm" else transport
     requests = [
@@ -154,7 +194,8 @@ def served_levels(address: str, transport: str, folder_frames, args, in_process:
     def connect():
         return BiFusionClient(address, shared_memory=transport == "shm")
 
-    batched = in_process[f"frames_per_s_batch_{args.max_batch_size}"]
+    best = in_process["best"]["frames_per_s"]
+    batched = in_process["frames_per_s"].get(policy["setting"])  # None: a setting not measured in process
     levels = []
     for concurrency in args.concurrency:
         if args.frames_per_client:
@@ -162,7 +203,9 @@ def served_levels(address: str, transport: str, folder_frames, args, in_process:
         else:
             amount = {"duration_s": args.seconds_per_level}
         report = run_load(connect, requests, concurrency=concurrency, **amount)
-        report["ratio_to_in_process_batched"] = round(report["frames_per_s"] / batched, 3)
+        report["ratio_to_best_in_process"] = round(report["frames_per_s"] / best, 3)
+        if batched:
+            report["ratio_to_in_process_batched"] = round(report["frames_per_s"] / batched, 3)
         report["p50_ratio_to_in_process_batch_1"] = round(
             report["latency_ms"]["p50"] / in_process["latency_ms_batch_1"], 3
         )
@@ -190,10 +233,19 @@ def main() -> None:
     parser.add_argument(
         "--min-frames", type=int, default=8, help="with --frames-per-client: frames per level at least"
     )
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-size", default="auto", help="the server's (auto or a number)")
+    parser.add_argument(
+        "--in-process-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="timed in process"
+    )
+    parser.add_argument(
+        "--no-in-process-3d-per-frame",
+        dest="in_process_3d_per_frame",
+        action="store_false",
+        help="time in process only whole batches (not also the U-Net and fusion per frame)",
+    )
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--instances", default="auto", help="the server's --instances (auto, 1, 2, ...)")
-    parser.add_argument("--repeats", type=int, default=2, help="in-process passes over a batch")
+    parser.add_argument("--repeats", type=int, default=2, help="in-process rounds over every setting")
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -217,8 +269,10 @@ def main() -> None:
     )
     try:
         server.wait_serving()
+        policy = batch_policy(server.address)
         served = {
-            t: served_levels(server.address, t, folder_frames, args, in_process) for t in args.transports
+            t: served_levels(server.address, t, folder_frames, args, in_process, policy)
+            for t in args.transports
         }
 
         def connect():
@@ -254,6 +308,7 @@ def main() -> None:
             "note": args.note,
         },
         "in_process": in_process,
+        "server_batch_policy": policy,
         "served": served,  # by transport, one row per concurrency
         "transport_concurrency_1": {
             name: {k: r[k] for k in ("frames_per_s", "latency_ms", "request_bytes_per_frame")}

@@ -87,6 +87,10 @@ class BiFusionEncoder:
         self.amp = amp and self.device.type == "cuda"
         # Points per block in the fusion stage: cache-sized on a CPU, all at once on a GPU.
         self.fusion_chunk = CPU_FUSION_CHUNK if self.device.type == "cpu" else None
+        # Frames per U-Net and fusion call (None: the whole batch). CLIP and the per-point
+        # geometry always take the whole batch; the 3D branch and the fusion may run on
+        # groups of frames when that measures faster (a server's batch policy sets it).
+        self.group_3d: int | None = None
         self.limits = limits or Limits()
         self.info = ModelInfo(
             architecture=(
@@ -133,24 +137,36 @@ class BiFusionEncoder:
             points = self._points(batch)
         with timer("clip"), self._autocast():
             maps = self.model.clip(self._clip_images(batch)).float()
-        with timer("unet"):
-            point_3d = self.model.features_3d(points.voxel, points.rgb, points.batch_index)
-        with timer("fusion"), self._autocast():
-            gx, gy = geo.pixel_to_grid(
-                points.u,
-                points.v,
-                batch.widths[points.batch_index],
-                batch.heights[points.batch_index],
-            )
-            features, alpha = self.model.fuse(
-                maps,
-                (gx.float(), gy.float()),
-                point_3d,
-                points.valid,
-                points.batch_index,
-                batch.num_frames,
-                chunk=self.fusion_chunk,
-            )
+        groups = self._frame_groups(points.counts)
+        if len(groups) > 1:
+            features = maps.new_empty(len(points.valid), self.config.feature_dim)
+            alpha = maps.new_empty(len(points.valid))
+        for first, last, rows in groups:
+            # A group looks to the model like a batch of its own (batch index from 0).
+            batch_index = points.batch_index[rows] - first
+            with timer("unet"):
+                point_3d = self.model.features_3d(points.voxel[rows], points.rgb[rows], batch_index)
+            with timer("fusion"), self._autocast():
+                frame_of_point = points.batch_index[rows]
+                gx, gy = geo.pixel_to_grid(
+                    points.u[rows],
+                    points.v[rows],
+                    batch.widths[frame_of_point],
+                    batch.heights[frame_of_point],
+                )
+                fused, weight = self.model.fuse(
+                    maps[first:last],
+                    (gx.float(), gy.float()),
+                    point_3d,
+                    points.valid[rows],
+                    batch_index,
+                    last - first,
+                    chunk=self.fusion_chunk,
+                )
+            if len(groups) == 1:
+                features, alpha = fused, weight
+            else:
+                features[rows], alpha[rows] = fused, weight
         with timer("output"):
             results = self._results(frames, options, points, features.float(), alpha.float())
         for result in results:
@@ -236,6 +252,20 @@ class BiFusionEncoder:
             xyz_world=xyz_world.float(),
             voxel=geo.voxel_coordinates(xyz_world, cfg.voxel_size, cfg.voxel_mode).float(),
         )
+
+    def _frame_groups(self, counts: torch.Tensor) -> list[tuple[int, int, slice]]:
+        """(first frame, end frame, their rows of the packed points) per group of at most
+        ``group_3d`` frames; one group of every frame when ``group_3d`` is None."""
+        frames = len(counts)
+        size = self.group_3d or frames
+        if size >= frames:
+            return [(0, frames, slice(None))]
+        ends = torch.cumsum(counts, 0).tolist()
+        starts = [0, *ends]
+        return [
+            (first, min(first + size, frames), slice(starts[first], ends[min(first + size, frames) - 1]))
+            for first in range(0, frames, size)
+        ]
 
     def _clip_images(self, batch: PackedBatch) -> torch.Tensor:
         """Every frame squashed to the CLIP input size, one resize per distinct frame size."""
@@ -328,4 +358,5 @@ class _StageTimer:
         finally:
             if self.cuda:
                 torch.cuda.synchronize()
-            self.ms[name] = (time.perf_counter() - start) * 1000.0
+            # Added up: a stage may run once per group of frames.
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000.0

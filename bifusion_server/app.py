@@ -26,11 +26,12 @@ from bifusion_wire import SERVICE_NAME
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire.documented import documented_pool
 
+from . import batch_policy
 from .access_log import AccessLog, CallRecord
 from .auth import BearerTokenInterceptor
 from .batcher import DynamicBatcher
 from .budget import Budget, BudgetLimits
-from .config import ServerConfig
+from .config import AUTO, ServerConfig
 from .instances import (
     InProcessInstance,
     InstanceSpec,
@@ -51,6 +52,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_NAMES = ("", SERVICE_NAME)  # overall and per service
 STOP_GRACE_SECONDS = 1.0
 RECEIVE_CEILING = 4  # gRPC reads messages up to this many times --max-message-bytes
+AUTO_STREAM_WINDOW = 8
 
 
 def server_version() -> str:
@@ -83,6 +85,7 @@ class BiFusionServer:
         # The loaded encoder with one in-process instance, else a ModelView of the children's.
         self.encoder: BiFusionEncoder | ModelView | None = None
         self.instances: list[InProcessInstance | ProcessInstance] = []
+        self.batch_policy: batch_policy.BatchPolicy | None = None  # known once warmed up
         self.batcher: DynamicBatcher | None = None
         self._service: EncoderService | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -109,7 +112,7 @@ class BiFusionServer:
             self.metrics,
             self._io_pool,
             config.max_message_bytes,
-            stream_window=config.max_batch_size,
+            stream_window=stream_window(config),
             shared_memory=self._shared_memory,
             budget=Budget(budget_limits(config)),
             access_log=self._access_log,
@@ -215,10 +218,18 @@ class BiFusionServer:
             info.architecture, info.checkpoint_sha256, info.device, info.demo_weights, info.amp
         )
         self.encoder = encoder
+        self.batch_policy = await batch_policy.resolve(
+            config.max_batch_size,
+            self.instances,
+            info.device.split(":")[0],
+            config.max_queue,
+            config.batch_sweep_seconds,
+        )
+        self.metrics.set_batch_policy(self.batch_policy)
         self.batcher = DynamicBatcher(
             self.instances,
             self.metrics,
-            max_batch_size=config.max_batch_size,
+            max_batch_size=self.batch_policy.max_batch_size,
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             max_queue=config.max_queue,
             stall_timeout_s=config.stall_timeout_seconds,
@@ -226,12 +237,13 @@ class BiFusionServer:
         self.batcher.start()
         info_message = model_info_message(
             info,
-            config.max_batch_size,
+            self.batch_policy.max_batch_size,
             config.max_queue,
             config.max_message_bytes,
             server_version(),
             shared_memory=config.allow_shared_memory,
         )
+        info_message.batch_policy.CopyFrom(self.batch_policy.message())
         self._service.attach(Attached(encoder, self.batcher, info_message.SerializeToString()))
         await self._set_health(True)
         log.info("SERVING with %d model instance(s)", len(self.instances))
@@ -320,6 +332,13 @@ class BiFusionServer:
         self.metrics.observe_request(rpc, status, 0.0)
         if self._access_log is not None:
             self._access_log.record(CallRecord(method=rpc, peer=peer, status=status))
+
+
+def stream_window(config: ServerConfig) -> int:
+    """Frames of one stream in flight at once: --max-batch-size, or 8 with auto (the window is
+    fixed before the sweep runs, and a stream needs a few in flight to overlap its decoding
+    with the model)."""
+    return AUTO_STREAM_WINDOW if config.max_batch_size == AUTO else config.max_batch_size
 
 
 def budget_limits(config: ServerConfig) -> BudgetLimits:

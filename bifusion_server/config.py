@@ -16,6 +16,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_INSTANCES = 16
 LOG_FORMATS = ("text", "json")
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str | None = None  # None: the same as host
     metrics_port: int = 9100  # 0 disables the metrics endpoint
-    max_batch_size: int = 8
+    # "auto": measured at warm-up (batch_policy.py); a number pins it.
+    max_batch_size: int | str = AUTO
     max_batch_delay_ms: float = 5.0
     max_queue: int = 64
     max_message_bytes: int = 64 * MIB
@@ -49,6 +51,7 @@ class ServerConfig:
     amp: bool = False
     instances: str = "auto"  # copies of the encoder on the device; "auto" or a count
     warmup_frames: int = 1
+    batch_sweep_seconds: float = 0.0  # budget of the auto sweep; 0: the device's (batch_policy.py)
     drain_seconds: float = 30.0
     # A batch running longer is stuck (a hung kernel or driver): its instance is killed and
     # restarted, or, in the server process, health turns NOT_SERVING. 0: no watchdog.
@@ -65,8 +68,15 @@ class ServerConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"--{_flag(name)} must be within 0..65535")
+        if self.max_batch_size != AUTO:
+            size = _whole_number(self.max_batch_size)
+            if size is None or size < 1:
+                problems.append(
+                    f"--max-batch-size must be auto or a whole number ≥ 1, not {self.max_batch_size!r}"
+                )
+            else:
+                object.__setattr__(self, "max_batch_size", size)  # "8" from a flag or the environment
         for name in (
-            "max_batch_size",
             "max_queue",
             "max_request_pixels",
             "max_request_points",
@@ -80,6 +90,7 @@ class ServerConfig:
         for name in (
             "max_batch_delay_ms",
             "warmup_frames",
+            "batch_sweep_seconds",
             "drain_seconds",
             "stall_timeout_seconds",
             "connection_idle_seconds",
@@ -134,6 +145,15 @@ class ServerConfig:
         return values
 
 
+def _whole_number(value: int | str) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -158,7 +178,9 @@ HELP = {
     "port": "gRPC port (0 picks a free one, logged at start)",
     "metrics_host": "address the /metrics endpoint listens on (default: --host); 127.0.0.1 keeps it local",
     "metrics_port": "Prometheus /metrics port; 0 disables it",
-    "max_batch_size": "most frames per model call",
+    "max_batch_size": "most frames per model call; auto = measured at warm-up on this device: the "
+    "largest batch whose time per frame is within 3 per cent of the best (logged, in GetModelInfo and "
+    "bifusion_max_batch_size)",
     "max_batch_delay_ms": "longest wait for more frames once a batch has one",
     "max_queue": "most frames waiting for the model; beyond it requests get RESOURCE_EXHAUSTED",
     "max_message_bytes": "largest request or response message, bytes",
@@ -183,6 +205,8 @@ HELP = {
     "instances": "copies of the encoder on the device, each in a process of its own (1: in the server "
     "process); auto = 1 (measured best on CPU and on an H200)",
     "warmup_frames": "synthetic frames run through the model before reporting SERVING (0 skips)",
+    "batch_sweep_seconds": "time budget of the --max-batch-size auto sweep; 0 = the device's: 30 s on "
+    "CPU, 10 s on a GPU",
     "drain_seconds": "on SIGTERM, how long in-flight requests may take to finish",
     "stall_timeout_seconds": "a batch computing longer is stuck: its instance process is killed and "
     "restarted (its frames get UNAVAILABLE); with one instance, in the server process, health is "

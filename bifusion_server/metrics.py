@@ -142,6 +142,17 @@ class ServerMetrics:
             (INSTANCE_LABEL,),
         )
         self.ready = gauge("bifusion_ready", "1 while the health status is SERVING")
+        self.max_batch_size = gauge(
+            "bifusion_max_batch_size",
+            "Most frames per model call: measured at warm-up (source auto) or set by --max-batch-size "
+            "(flag); granularity batch (every stage on the whole batch) or 3d_per_frame",
+            ("source", "granularity"),
+        )
+        self.batch_sweep = gauge(
+            "bifusion_batch_sweep_seconds_per_frame",
+            "The --max-batch-size auto sweep: median model time per frame for each setting timed",
+            ("batch_size", "granularity"),
+        )
 
         # Series that exist before the first event, so rate() and dashboards see zeros.
         for rpc in RPCS:
@@ -178,6 +189,13 @@ class ServerMetrics:
 
     def set_model_info(self, architecture: str, sha256: str, device: str, demo: bool, amp: bool) -> None:
         self.model_info.labels(architecture, sha256, device, str(demo).lower(), str(amp).lower()).set(1)
+
+    def set_batch_policy(self, policy) -> None:
+        """``policy``: a :class:`~bifusion_server.batch_policy.BatchPolicy`."""
+        source = "auto" if policy.measured else "flag"
+        self.max_batch_size.labels(source, policy.setting.granularity).set(policy.max_batch_size)
+        for setting, seconds in policy.seconds_per_frame.items():
+            self.batch_sweep.labels(str(setting.batch_size), setting.granularity).set(seconds)
 
     def serve_http(self, host: str, port: int):
         """Start ``/metrics`` on a daemon thread; returns the HTTP server (``server_port``, ``shutdown``)."""

@@ -154,11 +154,19 @@ def wait_until(predicate, timeout: float = 30, what: str = "a condition", interv
 def running_server(encoder=None, wait_ready: bool = True, **config) -> Iterator[LiveServer]:
     """A server in this process on free ports. ``encoder`` (a loaded BiFusionEncoder, or any
     object with its interface) is reused instead of loading a checkpoint; ``config`` overrides
-    ServerConfig fields (warm-up is off unless asked for: the shared encoder is already warm)."""
+    ServerConfig fields (warm-up is off unless asked for: the shared encoder is already warm;
+    the batch size is pinned to 8 unless asked for, as the batch sweep would take seconds)."""
     from bifusion_server.app import BiFusionServer
     from bifusion_server.config import ServerConfig
 
-    config = {"host": LOOPBACK, "port": 0, "metrics_port": free_port(), "warmup_frames": 0, **config}
+    config = {
+        "host": LOOPBACK,
+        "port": 0,
+        "metrics_port": free_port(),
+        "warmup_frames": 0,
+        "max_batch_size": 8,
+        **config,
+    }
     factory = (lambda: encoder) if encoder is not None else None
     server = BiFusionServer(ServerConfig(**config), encoder_factory=factory)
     loop = _LoopThread.get()
@@ -184,7 +192,8 @@ def server_process(
     launcher: tuple[str, ...] = ("-m", "bifusion_server"),
 ) -> Iterator[LiveServer]:
     """``python -m bifusion_server`` (or ``python *launcher``) on free ports with ``flags``;
-    SIGTERM (then SIGKILL) at exit."""
+    SIGTERM (then SIGKILL) at exit. The batch size is 8 unless ``flags`` or ``env`` set it
+    (the auto sweep would take seconds)."""
     port, metrics_port = free_port(), free_port()
     with tempfile.NamedTemporaryFile(prefix="bifusion-server-", suffix=".log", delete=False) as log_file:
         command = [
@@ -192,7 +201,11 @@ def server_process(
             "--host", LOOPBACK, "--port", str(port), "--metrics-port", str(metrics_port), *flags,
         ]  # fmt: skip
         process = subprocess.Popen(
-            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "BIFUSION_MAX_BATCH_SIZE": "8", **(env or {})},
         )
         live = LiveServer(
             address=f"{LOOPBACK}:{port}",

@@ -232,3 +232,35 @@ def test_gate_mean_is_accumulated_in_float64_at_the_point_limit(encoder):
     expected = alpha.double()[valid].mean().item()
     assert abs(result.stats.gate_mean - expected) < 1e-12
     assert result.stats.valid_ratio == valid.double().mean().item()
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_3d_branch_by_groups_of_frames_gives_each_frame_its_own_result(encoder, mixed_batch, group):
+    """``group_3d``: CLIP on the whole batch, the U-Net and the fusion on groups of frames (a
+    batch policy may pick it where that is faster). Each frame gets what the whole batch gives
+    it, to float32 rounding, and the same points and mask bitwise."""
+    frames, options = mixed_batch
+    empty = dataclasses.replace(frames[0], depth=np.zeros_like(frames[0].depth), frame_id="empty")
+    frames, options = [*frames, empty], [*options, EncodeOptions()]
+    whole = encoder.encode(frames, options)
+    calls = []
+    features_3d = encoder.model.features_3d
+
+    def counted(voxel, rgb, batch_index):
+        calls.append(int(batch_index.max()) + 1 if len(batch_index) else 0)
+        return features_3d(voxel, rgb, batch_index)
+
+    encoder.group_3d, encoder.model.features_3d = group, counted
+    try:
+        grouped = encoder.encode(frames, options)
+    finally:
+        encoder.group_3d = None
+        del encoder.model.features_3d
+    assert len(calls) == -(-len(frames) // group) and max(calls) <= group
+    assert grouped[-1].stats.num_points == 0 and len(grouped[-1].features) == 0
+    for a, b in zip(whole, grouped, strict=True):
+        np.testing.assert_array_equal(a.point_indices, b.point_indices)
+        np.testing.assert_array_equal(a.valid, b.valid)
+        np.testing.assert_allclose(a.features, b.features, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(a.alpha, b.alpha, rtol=0, atol=1e-4)
+        assert b.timings_ms.keys() == a.timings_ms.keys()

@@ -11,7 +11,7 @@ def test_defaults_match_the_documented_interface():
     config = load_config([], env={})
     assert config == ServerConfig()
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 50051, 9100)
-    assert (config.max_batch_size, config.max_batch_delay_ms, config.max_queue) == (8, 5.0, 64)
+    assert (config.max_batch_size, config.max_batch_delay_ms, config.max_queue) == ("auto", 5.0, 64)
     assert config.max_message_bytes == 64 * MIB
     assert (config.warmup_frames, config.drain_seconds, config.log_level) == (1, 30.0, "INFO")
     assert config.checkpoint is None and config.device == "auto" and config.amp is False
@@ -71,7 +71,7 @@ def test_empty_environment_values_are_ignored():
 @pytest.mark.parametrize(
     "argv, env, words",
     [
-        (["--max-batch-size", "0"], {}, "--max-batch-size must be ≥ 1"),
+        (["--max-batch-size", "0"], {}, "--max-batch-size must be auto or a whole number ≥ 1, not '0'"),
         ([], {"BIFUSION_MAX_QUEUE": "many"}, "BIFUSION_MAX_QUEUE='many'"),
         ([], {"BIFUSION_AMP": "perhaps"}, "BIFUSION_AMP='perhaps'"),
         (["--device", "gpu"], {}, "--device must be auto, cpu, cuda or cuda:N"),

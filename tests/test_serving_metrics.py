@@ -47,6 +47,8 @@ DOCUMENTED = {  # name: (type, labels)
     "bifusion_gpu_memory_allocated_bytes": ("gauge", {"model_instance"}),
     "bifusion_gpu_memory_reserved_bytes": ("gauge", {"model_instance"}),
     "bifusion_ready": ("gauge", set()),
+    "bifusion_max_batch_size": ("gauge", {"source", "granularity"}),
+    "bifusion_batch_sweep_seconds_per_frame": ("gauge", {"batch_size", "granularity"}),
 }
 
 

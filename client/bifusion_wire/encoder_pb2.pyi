@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class BatchPolicy(_message.Message):
+    __slots__ = ["measured", "sweep", "sweep_seconds", "tolerance", "unet_frames"]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    UNET_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    measured: bool
+    sweep: _containers.RepeatedCompositeFieldContainer[BatchTiming]
+    sweep_seconds: float
+    tolerance: float
+    unet_frames: int
+    def __init__(self, measured: bool = ..., sweep: _Optional[_Iterable[_Union[BatchTiming, _Mapping]]] = ..., tolerance: _Optional[float] = ..., sweep_seconds: _Optional[float] = ..., unet_frames: _Optional[int] = ...) -> None: ...
+
+class BatchTiming(_message.Message):
+    __slots__ = ["batch_size", "calls", "seconds_per_frame", "unet_frames"]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
+    UNET_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    calls: int
+    seconds_per_frame: float
+    unet_frames: int
+    def __init__(self, batch_size: _Optional[int] = ..., seconds_per_frame: _Optional[float] = ..., calls: _Optional[int] = ..., unet_frames: _Optional[int] = ...) -> None: ...
+
 class ColorImage(_message.Message):
     __slots__ = ["data", "encoding"]
     class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -160,9 +186,10 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_points: _Optional[int] = ..., default_max_points: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., min_image_side: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ["amp", "architecture", "checkpoint_sha256", "config_json", "demo_weights", "device", "feature_dim", "limits", "model_id", "server_version", "shared_memory"]
+    __slots__ = ["amp", "architecture", "batch_policy", "checkpoint_sha256", "config_json", "demo_weights", "device", "feature_dim", "limits", "model_id", "server_version", "shared_memory"]
     AMP_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     DEMO_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +201,7 @@ class ModelInfo(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     amp: bool
     architecture: str
+    batch_policy: BatchPolicy
     checkpoint_sha256: str
     config_json: str
     demo_weights: bool
@@ -183,7 +211,7 @@ class ModelInfo(_message.Message):
     model_id: str
     server_version: str
     shared_memory: bool
-    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: bool = ..., feature_dim: _Optional[int] = ..., amp: bool = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ..., shared_memory: bool = ...) -> None: ...
+    def __init__(self, architecture: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., demo_weights: bool = ..., feature_dim: _Optional[int] = ..., amp: bool = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., config_json: _Optional[str] = ..., shared_memory: bool = ..., batch_policy: _Optional[_Union[BatchPolicy, _Mapping]] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ["byte_size", "key", "name"]
