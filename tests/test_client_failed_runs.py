@@ -62,8 +62,8 @@ def test_no_server_leaves_no_output_and_names_the_address(live, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     done = cli("encode", "--address", address, "--folder", str(TUM_DIR), *outputs(root))
     assert done.returncode == 1 and done.stderr.startswith("error: UNAVAILABLE: "), done.stderr
-    assert f"(is the server running at {address}?)" in done.stderr
     assert not root.exists()
+    assert f"(is the server running at {address}?)" in done.stderr
     assert_rerun_works(live, ["--folder", str(TUM_DIR)], root)
 
 
