@@ -59,3 +59,15 @@ def test_process_instances_on_cuda_match_in_process_and_each_report_gpu_memory(
         for name in ("0", "1"):
             assert live.metric("bifusion_batch_size_count", model_instance=name) > 0, name
             assert live.metric("bifusion_gpu_memory_allocated_bytes", model_instance=name) > 0, name
+
+
+def test_the_auto_batch_sweep_on_cuda_fits_in_ten_seconds_and_batches(cuda_encoder):
+    """On a GPU the sweep tries whole batches of 1 to 32 within 10 s; an H200 gained up to 16
+    (docs/benchmarks.md), so the choice is a batch, and it runs every stage on it."""
+    with running_server(cuda_encoder, max_batch_size="auto") as live, BiFusionClient(live.address) as client:
+        policy = live.server.batch_policy
+        reported = client.model_info().batch_policy
+    # A call only starts when it should fit, with a quarter to spare.
+    assert policy.measured and reported.sweep_seconds <= 10.5, reported
+    assert policy.max_batch_size >= 8 and policy.group_3d is None and cuda_encoder.group_3d is None
+    assert {t.unet_frames for t in reported.sweep} == {0}
