@@ -36,7 +36,7 @@ def transport(results, repeats: int) -> dict:
     """Per frame: shared memory (copy in, views out) vs a pipe (pickle in-band, send, receive)."""
     import numpy as np
 
-    from bifusion_server.shm import SegmentPool, pack, unpack
+    from bifusion_server.instance_transfer import SegmentPool, pack, unpack
 
     nbytes = sum(
         r.features.nbytes + r.alpha.nbytes + r.valid.nbytes + r.point_indices.nbytes for r in results

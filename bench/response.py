@@ -27,6 +27,7 @@ sys.path[:0] = IMPORT_PATHS
 from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
 from bench.machine import describe, emit  # noqa: E402
 from bifusion_client.result import EncodeResult, float32_features  # noqa: E402
+from bifusion_server.client_shared_memory import SharedMemoryRegistry  # noqa: E402
 from bifusion_server.respond import (  # noqa: E402
     reference_response,
     response_head,
@@ -34,7 +35,6 @@ from bifusion_server.respond import (  # noqa: E402
     serialise_inline,
     without_padding,
 )
-from bifusion_server.shared_memory import SharedMemoryRegistry  # noqa: E402
 from bifusion_wire import encoder_pb2 as pb  # noqa: E402
 from bifusion_wire.tensor import from_tensor, shared_output_bytes  # noqa: E402
 

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from .access_log import AccessLog, CallRecord
 from .auth import BearerTokenInterceptor
 from .batcher import DynamicBatcher
 from .budget import Budget, BudgetLimits
+from .client_shared_memory import SharedMemoryRegistry
 from .config import AUTO, ServerConfig
 from .instances import (
     InProcessInstance,
@@ -43,7 +45,6 @@ from .instances import (
 from .metrics import ServerMetrics
 from .respond import model_info_message
 from .service import Attached, EncoderService
-from .shared_memory import SharedMemoryRegistry
 from .warmup import synthetic_frames
 
 log = logging.getLogger("bifusion.server")
@@ -91,6 +92,7 @@ class BiFusionServer:
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http = None
+        self._shared_memory: SharedMemoryRegistry | None = None
         self._loading: asyncio.Task | None = None
         self._draining = False
         self._stopped = False
@@ -102,9 +104,15 @@ class BiFusionServer:
         log.info("effective config: %s", json.dumps(config.redacted(), sort_keys=True))
         token = config.bearer_token()
         warn_if_exposed(config, token)
+        refuse_taken_port("--port", config.host, config.port)  # gRPC's bind would not say why
         if config.metrics_port:
             metrics_host = config.effective_metrics_host
-            self._metrics_http = self.metrics.serve_http(metrics_host, config.metrics_port)
+            try:
+                self._metrics_http = self.metrics.serve_http(metrics_host, config.metrics_port)
+            except OSError as exc:
+                raise CannotStart(
+                    port_unusable("--metrics-port", metrics_host, config.metrics_port, exc)
+                ) from None
             self.metrics_port = self._metrics_http.server_port
             log.info("metrics on http://%s:%d/metrics", metrics_host, self.metrics_port)
         self._shared_memory = SharedMemoryRegistry() if config.allow_shared_memory else None
@@ -317,21 +325,57 @@ class BiFusionServer:
         config = self.config
         host = f"[{config.host}]" if ":" in config.host else config.host
         address = f"{host}:{config.port}"
-        if not config.tls:
-            return self._grpc.add_insecure_port(address)
+        credentials = self._tls_credentials() if config.tls else None
+        try:
+            if credentials is None:
+                return self._grpc.add_insecure_port(address)
+            return self._grpc.add_secure_port(address, credentials)
+        except RuntimeError:  # gRPC says only "Failed to bind"
+            raise CannotStart(port_unusable("--port", config.host, config.port)) from None
+
+    def _tls_credentials(self) -> grpc.ServerCredentials:
+        config = self.config
         key = Path(config.tls_key).read_bytes()
         cert = Path(config.tls_cert).read_bytes()
         client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-        credentials = grpc.ssl_server_credentials(
+        return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
-        return self._grpc.add_secure_port(address, credentials)
 
     def _count_rejected(self, rpc: str, peer: str) -> None:
         status = grpc.StatusCode.UNAUTHENTICATED.name
         self.metrics.observe_request(rpc, status, 0.0)
         if self._access_log is not None:
             self._access_log.record(CallRecord(method=rpc, peer=peer, status=status))
+
+
+class CannotStart(RuntimeError):
+    """The server cannot open a port; the message names the flag."""
+
+
+def port_unusable(flag: str, host: str, port: int, error: OSError | None = None) -> str:
+    reason = error.strerror if error is not None and error.strerror else "in use, or not allowed"
+    return (
+        f"{flag} {port}: cannot listen on {host}:{port} ({reason}); stop what holds it or "
+        f"choose another port with {flag}" + (" (0 turns metrics off)" if flag == "--metrics-port" else "")
+    )
+
+
+def refuse_taken_port(flag: str, host: str, port: int) -> None:
+    """Raises CannotStart, with the system's reason, if ``host:port`` cannot be bound now."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # the bind itself reports it
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise CannotStart(port_unusable(flag, host, port, exc)) from None
 
 
 def stream_window(config: ServerConfig) -> int:

@@ -4,7 +4,7 @@ Started with the 'spawn' method by :class:`bifusion_server.instances.ProcessInst
 environment already holds this process's thread sizes (``BIFUSION_THREADS`` and the OpenMP
 and OpenBLAS counts) before torch loads; the encoder applies them when it is built.
 
-Messages on the pipe (tuples; arrays never travel through it, see ``shm.py``):
+Messages on the pipe (tuples; arrays never travel through it, see ``instance_transfer.py``):
   child → parent  ("ready", ModelInfo, thread settings) | ("failed", reason)  once, after warm-up
   parent → child  ("encode", segment, packed frames, output offset, retired segments) | ("stop",)
   child → parent  ("done", packed results | None, in-band pickle | None, gpu memory, seconds)
@@ -62,9 +62,9 @@ def _serve(conn, encoder) -> None:
 
     import numpy as np
 
+    from .device_memory import gpu_memory
     from .failures import classify_failure
-    from .instances import gpu_memory
-    from .shm import SegmentMaps, pack, unpack
+    from .instance_transfer import SegmentMaps, pack, unpack
 
     maps = SegmentMaps()
     while True:

@@ -5,8 +5,8 @@
 - :class:`ProcessInstance`: the encoder in a child process of its own ('spawn'), so that
   several copies on one device overlap one's host work (Python, MinkowskiEngine's kernel
   maps) with another's device work, free of the server's GIL. Frames and results cross
-  through shared memory (``shm.py``). A child that dies is restarted; the frames it was
-  computing fail with :class:`InstanceLost`.
+  through shared memory (``instance_transfer.py``). A child that dies is restarted; the
+  frames it was computing fail with :class:`InstanceLost`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import numpy as np
 from bifusion import BiFusionEncoder, EncodeOptions, Frame, FrameResult, ModelInfo
 from bifusion.validation import validate_frame
 
+from .device_memory import gpu_memory
 from .failures import InstanceLost, ModelFailed, classify_failure
+from .instance_transfer import ALIGN, SegmentPool, pack, unpack
 from .instance_worker import instance_main
 from .metrics import ServerMetrics
-from .shm import ALIGN, SegmentPool, pack, unpack
 
 log = logging.getLogger("bifusion.server")
 
@@ -54,15 +55,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def gpu_memory(device) -> tuple[int, int] | None:
-    """(allocated, reserved) bytes of a CUDA device, ``None`` elsewhere."""
-    if device.type != "cuda":
-        return None
-    import torch
-
-    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
 
 
 @dataclass

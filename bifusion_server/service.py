@@ -26,6 +26,7 @@ from bifusion_wire.tensor import FieldError, shared_output_bytes
 from .access_log import AccessLog, CallRecord, current_call
 from .batcher import Closed, DeadlineExpired, DynamicBatcher, Encoded, QueueFull, deadline_passed
 from .budget import Budget, BudgetFull, Cost
+from .client_shared_memory import Lease, Region, SharedMemoryRegistry
 from .decode import DecodedRequest, decode_request, largest_field, parse_request, request_cost
 from .failures import InstanceLost, ModelFailed
 from .metrics import ServerMetrics
@@ -36,7 +37,6 @@ from .respond import (
     response_outputs,
     serialise_inline,
 )
-from .shared_memory import Lease, Region, SharedMemoryRegistry
 
 log = logging.getLogger("bifusion.server")
 Code = grpc.StatusCode
@@ -74,6 +74,11 @@ class ServiceError(Exception):
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((FIELD_METADATA_KEY, self.field),) if self.field else ()
+
+
+class ClientLeft(Exception):
+    """The call ended while a response was being written (the client cancelled or went
+    away during a write that flow control held): no status can reach the client any more."""
 
 
 @dataclass
@@ -169,7 +174,10 @@ class EncoderService:
                 # Frames decode in parallel: the call is named in stream order, as answered.
                 call.frame_id, response = answered
                 self._sent(response)
-                await context.write(response)
+                try:
+                    await context.write(response)
+                except Exception as exc:  # gRPC's ExecuteBatchError: the call ended under the write
+                    raise ClientLeft(str(exc)) from None
 
             stream = _OrderedStream(process, write, self._draining, self._stream_window)
             await stream.run(requests)
@@ -442,6 +450,10 @@ class EncoderService:
         except asyncio.CancelledError:
             record(Code.DEADLINE_EXCEEDED if deadline_passed(deadline) else Code.CANCELLED)
             raise
+        except ClientLeft:
+            record(Code.DEADLINE_EXCEEDED if deadline_passed(deadline) else Code.CANCELLED)
+            # As when gRPC cancels the call itself: it ends the call without a word.
+            raise asyncio.CancelledError from None
         except Exception:
             log.exception("%s failed unexpectedly", rpc)
             record(Code.INTERNAL)

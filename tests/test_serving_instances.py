@@ -20,8 +20,8 @@ from serving_harness import health_status, running_server, server_process, wait_
 from bifusion import EncodeOptions
 from bifusion_client.api import BiFusionClient
 from bifusion_client.request import request_from_folder_frame
+from bifusion_server.instance_transfer import SegmentPool, pack, unpack
 from bifusion_server.instances import cores
-from bifusion_server.shm import SegmentPool, pack, unpack
 
 
 @pytest.fixture(scope="module")

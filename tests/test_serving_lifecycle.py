@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -188,11 +189,21 @@ def test_reflection_lists_the_service_and_a_call_through_it_works(encoder, tum_f
         np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
 
 
-def test_a_taken_port_fails_to_start(encoder):
-    with running_server(encoder) as live:
-        port = int(live.address.rsplit(":", 1)[1])
-        with pytest.raises(RuntimeError), running_server(encoder, port=port):
-            pass
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_taken_port_stops_the_server_with_one_line_naming_the_flag(flag):
+    """9100, the metrics default, is node_exporter's port too: a taken one is common."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        flags = ("--device", "cpu", "--warmup-frames", "0", flag, str(port))
+        with server_process(*flags, wait_ready=False) as live:
+            assert live.process.wait(120) == 1
+            log = live.log_text()
+    lines = [line for line in log.splitlines() if " INFO " not in line]
+    assert len(lines) == 1, log  # nothing but the reason: no traceback, no gRPC core line
+    assert f"ERROR bifusion.server: cannot start: {flag} {port}: cannot listen on" in lines[0], log
+    assert "Address already in use" in lines[0]
 
 
 def test_drain_ends_an_idle_stream_promptly(encoder, tum_folder_frames):

@@ -16,7 +16,7 @@ from serving_harness import running_server, wait_until
 
 from bifusion_client.api import BiFusionClient, error_field
 from bifusion_client.request import request_from_folder_frame
-from bifusion_server.shared_memory import SharedMemoryRegistry
+from bifusion_server.client_shared_memory import SharedMemoryRegistry
 from bifusion_wire import encoder_pb2 as pb
 from bifusion_wire import encoder_pb2_grpc
 from bifusion_wire.tensor import FieldError

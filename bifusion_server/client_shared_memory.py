@@ -1,4 +1,5 @@
-"""Shared-memory outputs for clients on the same host (``--allow-shared-memory``).
+"""Shared-memory outputs for clients on the same host (``--allow-shared-memory``); the
+server's own transfers to its instance processes are ``instance_transfer.py``.
 
 A client creates a POSIX shared-memory object (a file under /dev/shm), registers it under a
 name, and asks a request's outputs to be written into a byte range of it; the response then

@@ -1,4 +1,5 @@
-"""Objects across the process boundary, their numpy arrays through POSIX shared memory.
+"""Objects between the server and its instance processes, their numpy arrays through POSIX
+shared memory (clients' own regions are ``client_shared_memory.py``).
 
 An object is pickled (protocol 5) with its contiguous arrays taken out of band; the
 arrays' bytes are copied once into a shared-memory segment and the pickle itself, a few
