@@ -1,17 +1,22 @@
-"""Our server against the same encoder behind Ray Serve, same run, same load generator.
+"""Our server against the same encoder behind Ray Serve and NVIDIA Triton: same run, same load generator.
 
-Three contenders answer the same real TUM frames (PNG in, float32 out):
-- ``ours``: a ``python -m bifusion_server`` child (dynamic batching);
+The contenders (``--contenders``, default all) answer the same real TUM frames:
+- ``ours``: a ``python -m bifusion_server`` child (dynamic batching), PNG in, float32 out;
+- ``ours_shm``: the same server, float32 outputs written into the client's shared memory;
 - ``ray_grpc``: Ray Serve's gRPC proxy with our proto (bench/peers/ray_serve_app.py);
-- ``ray_http``: Ray Serve's HTTP proxy, the serialised request as a binary POST body.
+- ``ray_http``: Ray Serve's HTTP proxy, the serialised request as a binary POST body;
+- ``triton_grpc``: Triton's own gRPC front end, raw-array tensors in and out
+  (bench/peers/triton_model.py, driven by ``tritonclient.grpc``);
+- ``triton_shm``: the same, inputs and outputs through Triton's system shared memory.
 At each --concurrency, --rounds rounds run each contender once, in an order that rotates
 from round to round, all driven by ``bifusion_client.loadgen.run_load``. Every response of
 every contender is compared with our server's answer to the same frame sent alone.
 
-Ray is a benchmark dependency only: ``pip install 'bifusion-serve[peers]'``.
+Ray and Triton are benchmark dependencies only, in their own venv: scripts/setup_peers.sh.
 Prints JSON (and writes it to --out when given).
 
-    python bench/peer_ray_serve.py [--concurrency 1 4 16] [--rounds 2] [--out bench/results/peer-ray-cpu.json]
+    .venv-peers/bin/python bench/peer_ray_serve.py [--concurrency 1 4 16 64] [--rounds 2]
+        [--contenders ours triton_grpc triton_shm ray_grpc] [--out bench/results/peer-triton-cpu.json]
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from bifusion_client.frames_folder import load_frames_folder  # noqa: E402
 from bifusion_client.loadgen import run_load  # noqa: E402
 from bifusion_client.request import request_from_folder_frame  # noqa: E402
 from bifusion_client.result import EncodeResult  # noqa: E402
+from bifusion_server.decode import decode_request  # noqa: E402
 from bifusion_wire import encoder_pb2 as pb  # noqa: E402
 
-CONTENDERS = ("ours", "ray_grpc", "ray_http")
+CONTENDERS = ("ours", "ours_shm", "ray_grpc", "ray_http", "triton_grpc", "triton_shm")
+# Each peer contender is compared with ours over the same transport kind.
+BASELINE = {"ray_grpc": "ours", "ray_http": "ours", "triton_grpc": "ours", "triton_shm": "ours_shm"}
 # Features are unit vectors; a frame batched with others may see float32 products summed
 # in another order (the design allows an ulp or so), so allow 1e-5 and report bitwise too.
 FEATURE_ATOL = 1e-5
@@ -186,7 +194,7 @@ class RayPeer:
             import ray
             from ray import serve
         except ImportError:
-            sys.exit("Ray Serve is not installed: pip install 'bifusion-serve[peers]'")
+            sys.exit("Ray Serve is not installed in this venv: run scripts/setup_peers.sh")
         # Ray's workers (proxies, replica) must import bifusion, bifusion_wire and bench.peers.
         paths = [str(ROOT), str(ROOT / "client"), os.environ.get("PYTHONPATH", "")]
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
@@ -237,6 +245,52 @@ class RayPeer:
         ray.shutdown()
 
 
+class TritonPeer:
+    """Triton serving :mod:`bench.peers.triton_model`, and its clients."""
+
+    def __init__(self, args, requests: list[pb.EncodeFrameRequest], feature_dim: int):
+        from bench.peers.triton import TritonServer
+        from bench.peers.triton_tensors import inputs_from_frame
+        from bifusion import Limits
+
+        # The very arrays our server decodes from the same requests, as Triton tensors.
+        self.inputs = {}
+        for request in requests:
+            frame = decode_request(request, Limits()).frame
+            self.inputs[request.frame_id] = inputs_from_frame(frame, request.options.max_points)
+        self.max_points, self.feature_dim = args.points, feature_dim
+        self.server = TritonServer(
+            (free_port(), free_port(), free_port()),
+            args.device,
+            args.max_batch_size,
+            args.max_batch_delay_ms,
+            args.checkpoint,
+            instances=int(args.instances),
+            import_paths=[str(ROOT), str(ROOT / "client")],
+        )
+        try:
+            self.server.wait_ready()
+        except BaseException:
+            self.server.stop()
+            raise
+        self.settings = {
+            **self.server.versions(),
+            "backend": "python (bench/peers/triton_model.py), tritonserver from nvidia-pytriton",
+            "config_pbtxt": self.server.config,
+            "request": "raw COLOR uint8 + DEPTH uint16 tensors; float32 FEATURES out",
+        }
+
+    def connect(self, shared_memory: bool):
+        from bench.peers.triton import TritonEncoderClient
+
+        return TritonEncoderClient(
+            self.server.address, self.inputs, shared_memory, self.max_points, self.feature_dim
+        )
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 def combine(rounds: list[dict]) -> dict:
     """One contender's rounds at one concurrency: frames/s over all rounds' frames and wall
     time; latency percentiles as the median of the rounds'."""
@@ -272,15 +326,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--points", type=int, default=20_000, help="max_points per frame")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--frames-per-client", type=int, default=2, help="timed frames per client and round")
     parser.add_argument("--min-frames", type=int, default=6, help="timed frames per round at least")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per concurrency (order rotates)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="for both servers")
-    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0, help="for both servers")
+    parser.add_argument(
+        "--max-batch-size",
+        default="8",
+        help="ours' --max-batch-size (N or auto); the peers get the same",
+    )
+    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0, help="for every server")
+    parser.add_argument("--instances", default="1", help="model instances: our --instances, Triton's count")
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if "ours" not in args.contenders:  # the reference answers come from it
+        args.contenders.insert(0, "ours")
+    args.contenders = [c for c in CONTENDERS if c in args.contenders]
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -295,28 +359,45 @@ def run(args: argparse.Namespace) -> dict:
         args.max_batch_size,
         args.max_batch_delay_ms,
         max_queue=4 * max(args.concurrency),
+        instances=args.instances,
+        shared_memory="ours_shm" in args.contenders,
     )
-    peer = None
+    contenders = args.contenders
+    ray = triton = None
     try:
         server.wait_serving()
         with BiFusionClient(server.address) as client:  # each frame alone: the reference
             reference = {r.frame_id: client.encode_request(r, timeout=300) for r in requests}
-        peer = RayPeer(args)
+            info = client.model_info()
+        feature_dim = info.feature_dim
+        # The peers get our largest batch: the number given, or what "auto" chose at warm-up
+        # (the peers' encoders run each batch whole; "auto" may also split ours' 3D branch).
+        args.max_batch_size = info.limits.max_batch_size
+        ours_policy = {
+            "max_batch_size": info.limits.max_batch_size,
+            "measured": info.batch_policy.measured,
+            "unet_frames": info.batch_policy.unet_frames,
+        }
         connect = {
             "ours": lambda: BiFusionClient(server.address),
-            "ray_grpc": peer.connect_grpc,
-            "ray_http": peer.connect_http,
+            "ours_shm": lambda: BiFusionClient(server.address, shared_memory=True),
         }
-        agreement = {name: Agreement(reference) for name in CONTENDERS}
-        for name in CONTENDERS:  # warm-up: first calls, Ray's routing tables
+        if {"ray_grpc", "ray_http"} & set(contenders):
+            ray = RayPeer(args)
+            connect.update(ray_grpc=ray.connect_grpc, ray_http=ray.connect_http)
+        if {"triton_grpc", "triton_shm"} & set(contenders):
+            triton = TritonPeer(args, requests, feature_dim)
+            connect.update(triton_grpc=lambda: triton.connect(False), triton_shm=lambda: triton.connect(True))
+        agreement = {name: Agreement(reference) for name in contenders}
+        for name in contenders:  # warm-up: first calls, Ray's routing tables
             run_load(lambda n=name: Checked(connect[n](), agreement[n], 0), requests, concurrency=1, frames=2)
 
         levels = []
         for level_index, concurrency in enumerate(args.concurrency):
             frames = max(args.min_frames, args.frames_per_client * concurrency)
-            rounds: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+            rounds: dict[str, list[dict]] = {name: [] for name in contenders}
             for round_index in range(args.rounds):
-                for name in rotated(CONTENDERS, level_index + round_index):
+                for name in rotated(contenders, level_index + round_index):
                     report = run_load(
                         lambda n=name, c=concurrency: Checked(connect[n](), agreement[n], c),
                         requests,
@@ -325,46 +406,55 @@ def run(args: argparse.Namespace) -> dict:
                     )
                     rounds[name].append(report)
             row = {"concurrency": concurrency}
-            for name in CONTENDERS:
+            for name in contenders:
                 row[name] = {
                     **combine(rounds[name]),
                     "unet_ms_per_frame": agreement[name].unet_ms(concurrency),
                 }
-            for peer_name in ("ray_grpc", "ray_http"):
-                ours, theirs = row["ours"], row[peer_name]
-                row[f"ours_vs_{peer_name}"] = {
+            for peer_name, baseline in BASELINE.items():
+                if peer_name not in contenders or baseline not in contenders:
+                    continue
+                ours, theirs = row[baseline], row[peer_name]
+                row[f"{baseline}_vs_{peer_name}"] = {
                     "frames_per_s_ratio": round(ours["frames_per_s"] / theirs["frames_per_s"], 3)
                     if theirs["frames_per_s"]
                     else None,
                     "p50_lower": ours["p50_ms"] < theirs["p50_ms"],
                 }
             levels.append(row)
-        thread_settings = {"ray_replica": peer.thread_settings}
+        thread_settings = {"ray_replica": ray.thread_settings} if ray else {}
     finally:
-        if peer is not None:
-            peer.stop()
+        for peer in (ray, triton):
+            if peer is not None:
+                peer.stop()
         server.stop()
 
     return {
-        "benchmark": "peer_ray_serve",
+        "benchmark": "peers",
         "machine": describe(args.device),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "settings": {
             "points_per_frame": args.points,
             "frames": f"{len(folder_frames)} real TUM fr1/xyz frames, 640×480, cycled",
-            "request_encoding": "PNG colour + 16-bit PNG depth; float32 features out",
+            "contenders": contenders,
+            "request_encoding": "PNG colour + 16-bit PNG depth (Triton: raw arrays); float32 features out",
             "timed_frames_per_round": {
                 c: max(args.min_frames, args.frames_per_client * c) for c in args.concurrency
             },
             "rounds": args.rounds,
-            "ours": {"max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
-            "ray": peer.settings if peer is not None else None,
+            "ours": {
+                **ours_policy,
+                "max_batch_delay_ms": args.max_batch_delay_ms,
+                "instances": args.instances,
+            },
+            "ray": ray.settings if ray is not None else None,
+            "triton": triton.settings if triton is not None else None,
             "client": "bifusion_client.loadgen.run_load: closed loop, one connection per client",
             "note": args.note,
         },
         "thread_settings": thread_settings,
-        "agreement_with_ours_alone": {name: agreement[name].summary() for name in CONTENDERS},
+        "agreement_with_ours_alone": {name: agreement[name].summary() for name in contenders},
         "results": levels,
         "wall_s": round(time.perf_counter() - started, 1),
     }
