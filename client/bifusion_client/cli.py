@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -43,6 +44,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 # What gRPC says when a channel could not connect (refused, no route, unknown host).
 NOT_CONNECTED = ("failed to connect", "connection refused", "dns resolution failed", "name resolution")
 DEFAULT_DEPTH_SCALE = 1000.0
+DESCRIPTION_WIDTH = 90
 # Flags of the --color/--depth pair; other sources carry their own (frames.json, TUM, a bag's encodings).
 PAIR_FLAGS = ("depth", "depth_scale", "pose", "frame_id")
 REACH_TIMEOUT_S = 20.0  # the first call, when --timeout is not given: a server that is there answers at once
@@ -89,6 +91,11 @@ class _Parser(argparse.ArgumentParser):
             hint = f" (did you mean {near[0]}?)" if near else ""
             command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return parsed
+
+
+def _wrapped(text: str) -> str:
+    """A description as lines argparse keeps (descriptions are not re-wrapped: see _HelpFormatter)."""
+    return textwrap.fill(text, DESCRIPTION_WIDTH)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -196,17 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser(
         "info", parents=[connection], formatter_class=_HelpFormatter,
         help="print the model info as JSON (typed values, config as an object)",
-        description="Print the server's ModelInfo as JSON: the model, its device and checkpoint, "
-        "the server's limits (max_points, message size, batch size), every field typed and the "
-        "checkpoint config as a nested object.",
+        description=_wrapped(
+            "Print the server's ModelInfo as JSON: the model, its device and checkpoint, "
+            "the server's limits (max_points, message size, batch size), every field typed and the "
+            "checkpoint config as a nested object."
+        ),
     )  # fmt: skip
     info.set_defaults(run=run_info)
 
     health = commands.add_parser(
         "health", parents=[connection], formatter_class=_HelpFormatter,
         help="exit 0 only when the server reports SERVING",
-        description="Ask the server's grpc.health.v1 service and print its status: SERVING (exit 0), "
-        "NOT_SERVING while the model loads, warms up or drains, or UNREACHABLE (exit 1 for both).",
+        description=_wrapped(
+            "Ask the server's grpc.health.v1 service and print its status: SERVING (exit 0), "
+            "NOT_SERVING while the model loads, warms up or drains, or UNREACHABLE (exit 1 for both)."
+        ),
     )  # fmt: skip
     health.add_argument("--service", default="", help="service name to ask about ('' = overall)")
     health.set_defaults(run=run_health)
@@ -214,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", parents=[connection], formatter_class=_HelpFormatter,
         help="load generator: latency percentiles and frames/s as JSON",
-        description="Send the frames of a frames.json folder from concurrent clients (one channel "
-        "each) and print JSON: frames/s, p50/p95/p99/mean/max latency, mean batch size, request "
-        "and response bytes per frame, errors by status code. Exit 1 when any call failed.",
+        description=_wrapped(
+            "Send the frames of a frames.json folder from concurrent clients (one channel "
+            "each) and print JSON: frames/s, p50/p95/p99/mean/max latency, mean batch size, request "
+            "and response bytes per frame, errors by status code. Exit 1 when any call failed."
+        ),
     )  # fmt: skip
     bench.add_argument("--folder", type=Path, required=True, help="folder with frames.json")
     bench.add_argument("--intrinsics-set", default="ros_default", help="intrinsics set of frames.json")
@@ -233,10 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     make_bag = commands.add_parser(
         "make-bag", formatter_class=_HelpFormatter,
         help="write a ROS bag from a frames.json folder, to try encode --bag on",
-        description="Write the frames of a frames.json folder (e.g. ../shared/data/tum_fr1_xyz) into a "
-        "ROS bag as a camera driver records them: colour (rgb8), depth (16UC1 mm), CameraInfo and the "
-        "poses as tf, at each frame's colour time stamp. The topics are encode's defaults, so "
-        "'encode --bag PATH' reads it without topic flags (docs/robotics.md). Needs [ros].",
+        description=_wrapped(
+            "Write the frames of a frames.json folder (e.g. ../shared/data/tum_fr1_xyz) into a "
+            "ROS bag as a camera driver records them: colour (rgb8), depth (16UC1 mm), CameraInfo and the "
+            "poses as tf, at each frame's colour time stamp. The topics are encode's defaults, so "
+            "'encode --bag PATH' reads it without topic flags (docs/robotics.md). Needs [ros]."
+        ),
     )  # fmt: skip
     make_bag.add_argument("--folder", type=Path, required=True, help="folder with frames.json")
     make_bag.add_argument("--intrinsics-set", default="ros_default", help="intrinsics set of frames.json")
@@ -246,8 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a *.bag path gives a ROS 1 bag, anything else a ROS 2 bag folder in MCAP; never overwritten",
     )  # fmt: skip
     make_bag.add_argument("--out-bag-format", choices=BAG_FORMATS, help="ros1, sqlite3 or mcap, explicitly")
-    make_bag.add_argument("--color-topic", default=encode_io.DEFAULT_COLOR_TOPIC, metavar="TOPIC")
-    make_bag.add_argument("--depth-topic", default=encode_io.DEFAULT_DEPTH_TOPIC, metavar="TOPIC")
+    make_bag.add_argument(
+        "--color-topic", default=encode_io.DEFAULT_COLOR_TOPIC, metavar="TOPIC", help="colour images (rgb8)"
+    )
+    make_bag.add_argument(
+        "--depth-topic",
+        default=encode_io.DEFAULT_DEPTH_TOPIC,
+        metavar="TOPIC",
+        help="depth images (16UC1, mm)",
+    )
     make_bag.add_argument("--world-frame", default=DEFAULT_WORLD_FRAME, help="tf parent of the camera")
     make_bag.add_argument("--camera-frame", default=DEFAULT_CAMERA_FRAME, help="the images' frame_id")
     make_bag.set_defaults(run=run_make_bag)
