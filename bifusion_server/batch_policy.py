@@ -12,10 +12,11 @@ so the CPU candidates include batches whose U-Net and fusion run frame by frame
 (``BiFusionEncoder.group_3d = 1``).
 
 The sweep is bounded (``BUDGET_SECONDS``, or ``--batch-sweep-seconds``) and made to repeat
-its choice on the same host: each new batch size gets an untimed call first (a new size
-allocates), the timed calls go round all settings in turn so that drift hits each alike, each
-setting's figure is the median of its calls, and a setting clearly slower than the best after
-one round is not timed again.
+its choice on the same host: on a GPU each new batch size gets an untimed call first (a new
+size allocates pinned buffers; a CPU has none, and its budget is better spent on timed calls),
+the timed calls go round all settings in turn so that drift hits each alike, each setting's
+figure is the median of its calls, and a setting clearly slower than the best after one round
+is not timed again.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ async def resolve(
             return None
         return (time.perf_counter() - started) / (size * len(instances))
 
-    policy = await sweep(run, settings, budget_seconds(device_type, budget_s))
+    budget = budget_seconds(device_type, budget_s)
+    policy = await sweep(run, settings, budget, warm_each_size=device_type != "cpu")
     if in_process:
         for encoder in encoders:
             encoder.group_3d = policy.group_3d
@@ -197,12 +199,14 @@ async def sweep(
     repeats: int = REPEATS,
     tolerance: float = TOLERANCE,
     clock: Callable[[], float] = time.monotonic,
+    warm_each_size: bool = True,
 ) -> BatchPolicy:
     """Times ``run`` for ``settings`` (plain ints: whole batches) within ``budget_s`` seconds
     and chooses.
 
-    The smallest batch is always timed (the sweep's first calls are its warm-up); a further
-    call starts only if its expected time, times ``SAFETY``, still fits in the budget.
+    The smallest batch is always timed; a further call starts only if its expected time, times
+    ``SAFETY``, still fits in the budget. ``warm_each_size``: an untimed call before the first
+    timed one at each batch size.
     """
     started = clock()
     deadline = started + budget_s
@@ -228,7 +232,7 @@ async def sweep(
 
     # First round, smallest batch first: an untimed call at each new batch size, then a timed one.
     for setting in ordered:
-        warm = setting.batch_size not in warmed
+        warm = warm_each_size and setting.batch_size not in warmed
         if timed and not fits((2 if warm else 1) * expected(setting)):
             break
         per_frame = await call(setting)
