@@ -14,13 +14,14 @@ import numpy as np
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
+from bifusion_client.make_bag import camera_info_message, image_message, transform_message
 from bifusion_client.sinks.bag_writer import BagWriter
 
 COLOR_TOPIC = "/camera/rgb/image_color"
 DEPTH_TOPIC = "/camera/depth_registered/image"
 INFO_TOPIC = "/camera/rgb/camera_info"
 CAMERA_FRAME = "camera_rgb_optical_frame"
-ROS_DEFAULT_K = (525.0, 525.0, 319.5, 239.5)
+ROS_DEFAULT_K = {"fx": 525.0, "fy": 525.0, "cx": 319.5, "cy": 239.5}
 TUM_DEPTH_SCALE = 5000.0
 
 
@@ -95,68 +96,28 @@ def write_rgbd_bag(
             stamps, edges = odom_base_link(tum_dir)
             first = float(stamps[0])
             static = [
-                _transform(bag, first, "world", "odom", T_WORLD_ODOM),
-                _transform(bag, first, "base_link", CAMERA_FRAME, T_BASE_CAMERA),
+                transform_message(bag, first, "world", "odom", T_WORLD_ODOM),
+                transform_message(bag, first, "base_link", CAMERA_FRAME, T_BASE_CAMERA),
             ]
             bag.write("/tf_static", bag.message("tf2_msgs/msg/TFMessage", transforms=static), first)
             for stamp, edge in zip(stamps, edges, strict=True):
                 if tf_after is not None and stamp < tf_after:
                     continue
-                transform = _transform(bag, float(stamp), "odom", "base_link", edge)
+                transform = transform_message(bag, float(stamp), "odom", "base_link", edge)
                 bag.write("/tf", bag.message("tf2_msgs/msg/TFMessage", transforms=[transform]), float(stamp))
-        fx, fy, cx, cy = ROS_DEFAULT_K
         for entry in tum_frames(tum_dir):
             rgb = np.asarray(Image.open(tum_dir / entry["rgb"]).convert("RGB"))
             raw = np.asarray(Image.open(tum_dir / entry["depth"]))
             color_stamp, depth_stamp = entry["rgb_timestamp"], entry["depth_timestamp"]
             pixels = rgb if color_encoding == "rgb8" else rgb[:, :, ::-1]
-            bag.write(COLOR_TOPIC, _image(bag, color_stamp, pixels, color_encoding), color_stamp)
-            bag.write(DEPTH_TOPIC, _image(bag, depth_stamp, depth_as(raw, depth_encoding), depth_encoding),
-                      depth_stamp)  # fmt: skip
-            info = bag.message(
-                "sensor_msgs/msg/CameraInfo",
-                header=bag.header(color_stamp, CAMERA_FRAME),
-                height=rgb.shape[0],
-                width=rgb.shape[1],
-                distortion_model="plumb_bob",
-                d=np.asarray(distortion, dtype=np.float64),
-                k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1], dtype=np.float64),
-                r=np.eye(3).reshape(-1),
-                p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1, 0], dtype=np.float64),
-                binning_x=0,
-                binning_y=0,
-                roi=bag.message("sensor_msgs/msg/RegionOfInterest", x_offset=0, y_offset=0, height=0, width=0,
-                                do_rectify=False),
-            )  # fmt: skip
+            color = image_message(bag, color_stamp, CAMERA_FRAME, pixels, color_encoding)
+            bag.write(COLOR_TOPIC, color, color_stamp)
+            depth = image_message(
+                bag, depth_stamp, CAMERA_FRAME, depth_as(raw, depth_encoding), depth_encoding
+            )
+            bag.write(DEPTH_TOPIC, depth, depth_stamp)
+            info = camera_info_message(
+                bag, color_stamp, CAMERA_FRAME, rgb.shape[1::-1], ROS_DEFAULT_K, distortion
+            )
             bag.write(INFO_TOPIC, info, color_stamp)
     return path
-
-
-def _image(bag, stamp, pixels: np.ndarray, encoding: str):
-    height, width = pixels.shape[:2]
-    data = np.ascontiguousarray(pixels).view(np.uint8).reshape(-1)
-    return bag.message(
-        "sensor_msgs/msg/Image",
-        header=bag.header(stamp, CAMERA_FRAME),
-        height=height,
-        width=width,
-        encoding=encoding,
-        is_bigendian=0,
-        step=data.size // height,
-        data=data,
-    )
-
-
-def _transform(bag, stamp: float, parent: str, child: str, transform: np.ndarray):
-    x, y, z, w = Rotation.from_matrix(transform[:3, :3]).as_quat()
-    tx, ty, tz = transform[:3, 3]
-    return bag.message(
-        "geometry_msgs/msg/TransformStamped",
-        header=bag.header(stamp, parent),
-        child_frame_id=child,
-        transform=bag.message(
-            "geometry_msgs/msg/Transform",
-            translation=bag.message("geometry_msgs/msg/Vector3", x=tx, y=ty, z=tz),
-            rotation=bag.message("geometry_msgs/msg/Quaternion", x=x, y=y, z=z, w=w),
-        ),
-    )

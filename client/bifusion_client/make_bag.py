@@ -43,12 +43,16 @@ def write_frames_bag(
             for frame in frames:
                 stamp = frame.stamp if frame.stamp is not None else 1.0 + count * FRAME_PERIOD_S
                 if frame.cam_to_world is not None:
-                    transform = _transform(bag, stamp, world_frame, camera_frame, frame.cam_to_world)
+                    transform = transform_message(bag, stamp, world_frame, camera_frame, frame.cam_to_world)
                     bag.write("/tf", bag.message("tf2_msgs/msg/TFMessage", transforms=[transform]), stamp)
-                bag.write(color_topic, _image(bag, stamp, camera_frame, frame.color, "rgb8"), stamp)
+                bag.write(color_topic, image_message(bag, stamp, camera_frame, frame.color, "rgb8"), stamp)
                 depth, encoding = _ros_depth(frame)
-                bag.write(depth_topic, _image(bag, stamp, camera_frame, depth, encoding), stamp)
-                bag.write(info_topic, _camera_info(bag, stamp, camera_frame, frame), stamp)
+                bag.write(depth_topic, image_message(bag, stamp, camera_frame, depth, encoding), stamp)
+                bag.write(
+                    info_topic,
+                    camera_info_message(bag, stamp, camera_frame, frame.color.shape[1::-1], frame.intrinsics),
+                    stamp,
+                )
                 count += 1
     except BaseException:
         created.remove()
@@ -64,7 +68,8 @@ def _ros_depth(frame: RGBDFrame) -> tuple[np.ndarray, str]:
     return frame.depth_metres(), "32FC1"
 
 
-def _image(bag: BagWriter, stamp: float, frame_id: str, pixels: np.ndarray, encoding: str):
+def image_message(bag: BagWriter, stamp: float, frame_id: str, pixels: np.ndarray, encoding: str):
+    """A sensor_msgs/Image of ``pixels`` (H×W or H×W×C, little-endian) in ``encoding``."""
     height, width = pixels.shape[:2]
     data = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<"), copy=False)
     data = data.view(np.uint8).reshape(-1)
@@ -80,16 +85,19 @@ def _image(bag: BagWriter, stamp: float, frame_id: str, pixels: np.ndarray, enco
     )
 
 
-def _camera_info(bag: BagWriter, stamp: float, frame_id: str, frame: RGBDFrame):
-    fx, fy, cx, cy = (float(frame.intrinsics[k]) for k in ("fx", "fy", "cx", "cy"))
-    height, width = frame.color.shape[:2]
+def camera_info_message(
+    bag: BagWriter, stamp: float, frame_id: str, size_wh, intrinsics: dict, distortion=None
+):
+    """A plumb_bob sensor_msgs/CameraInfo; no ``distortion``: the images are undistorted."""
+    fx, fy, cx, cy = (float(intrinsics[k]) for k in ("fx", "fy", "cx", "cy"))
+    width, height = (int(v) for v in size_wh)
     return bag.message(
         "sensor_msgs/msg/CameraInfo",
         header=bag.header(stamp, frame_id),
         height=height,
         width=width,
         distortion_model="plumb_bob",
-        d=np.zeros(5),  # the images are registered and undistorted, as the service needs
+        d=np.zeros(5) if distortion is None else np.asarray(distortion, dtype=np.float64),
         k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1], dtype=np.float64),
         r=np.eye(3).reshape(-1),
         p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1, 0], dtype=np.float64),
@@ -101,7 +109,8 @@ def _camera_info(bag: BagWriter, stamp: float, frame_id: str, frame: RGBDFrame):
     )
 
 
-def _transform(bag: BagWriter, stamp: float, parent: str, child: str, pose: np.ndarray):
+def transform_message(bag: BagWriter, stamp: float, parent: str, child: str, pose: np.ndarray):
+    """A geometry_msgs/TransformStamped: ``pose`` is T_parent_child (4×4)."""
     pose = np.asarray(pose, dtype=np.float64)
     x, y, z, w = matrix_to_quaternion(pose[:3, :3])
     tx, ty, tz = pose[:3, 3]
