@@ -51,11 +51,13 @@ def busy_cores(n: int = 2):
             t.join(timeout=10)
 
 
-def assert_canonical(pairs: dict) -> None:
-    """Every kernel offset's (input, output) pairs sorted by (output, input)."""
+def assert_canonical(pairs: dict, transposed: bool = False) -> None:
+    """Every kernel offset's (input, output) pairs sorted by (output, input); a transposed
+    map is the forward map with its columns swapped, so sorted by (input, output)."""
     assert pairs, "no kernel map"
     for offset, p in pairs.items():
-        key = p[1].long() * (1 << 32) + p[0].long()
+        first, second = (p[0], p[1]) if transposed else (p[1], p[0])
+        key = first.long() * (1 << 32) + second.long()
         assert bool((key[1:] > key[:-1]).all()), f"kernel offset {offset}: pairs not in canonical order"
 
 
@@ -76,9 +78,11 @@ def test_convolution_maps_are_canonical_at_every_stride(frame_tensor):
     down = ME.MinkowskiConvolution(1, 1, kernel_size=2, stride=2, dimension=3)(frame_tensor)
     assert_canonical(manager.kernel_map(key, down.coordinate_map_key, kernel_size=2, stride=2))
     assert_canonical(
-        manager.kernel_map(down.coordinate_map_key, key, kernel_size=2, stride=2, is_transpose=True)
+        manager.kernel_map(down.coordinate_map_key, key, kernel_size=2, stride=2, is_transpose=True),
+        transposed=True,
     )
-    assert_canonical(manager.stride_map(key, down.coordinate_map_key))
+    in_rows, out_rows = manager.stride_map(key, down.coordinate_map_key)
+    assert_canonical({0: torch.stack([in_rows, out_rows])})
 
 
 def test_field_map_is_canonical(tum_frames):

@@ -1,0 +1,88 @@
+"""Run-to-run determinism: the same batch of real frames encoded again and again.
+
+Prints JSON: for each repeat, how far features and alpha moved from the first run (max
+absolute difference, and how many frames differ at all) and whether points and `valid`
+stayed identical; then the same across thread counts on a CPU (each count its own run of
+the same batch). On a CPU with the canonical-maps build every difference is 0; on CUDA,
+MinkowskiEngine's kernels scatter with atomics, and this measures what that costs.
+
+    python bench/determinism.py [--device cpu|cuda] [--batch-size 8] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.encoder import DEFAULT_DATA, real_frames  # noqa: E402
+from bench.machine import describe  # noqa: E402
+from bifusion import BiFusionEncoder, EncodeOptions, configure_threads  # noqa: E402
+
+
+def difference(first, again) -> dict:
+    """How far one run's results are from the first run's."""
+    return {
+        "features_max_abs": float(
+            max(np.abs(a.features - b.features).max() for a, b in zip(first, again, strict=True))
+        ),
+        "alpha_max_abs": float(
+            max(np.abs(a.alpha - b.alpha).max() for a, b in zip(first, again, strict=True))
+        ),
+        "frames_differing": sum(
+            not (np.array_equal(a.features, b.features) and np.array_equal(a.alpha, b.alpha))
+            for a, b in zip(first, again, strict=True)
+        ),
+        "points_and_valid_identical": all(
+            np.array_equal(a.point_indices, b.point_indices) and np.array_equal(a.valid, b.valid)
+            for a, b in zip(first, again, strict=True)
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--points", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--thread-counts", type=int, nargs="*", default=[1, 2], help="CPU only")
+    args = parser.parse_args()
+
+    encoder = BiFusionEncoder(device=args.device)
+    frames = real_frames(args.data)
+    batch = [frames[i % len(frames)] for i in range(args.batch_size)]
+    options = EncodeOptions(max_points=args.points)
+    first = encoder.encode(batch, options)
+    repeats = [difference(first, encoder.encode(batch, options)) for _ in range(args.repeats)]
+    across_threads = {}
+    if encoder.device.type == "cpu":
+        for count in args.thread_counts:
+            configure_threads(count)
+            across_threads[count] = difference(first, encoder.encode(batch, options))
+        configure_threads(None)
+    report = {
+        "benchmark": "determinism",
+        "machine": describe(str(encoder.device)),
+        "batch_size": args.batch_size,
+        "points_per_frame": first[0].stats.num_points,
+        "repeats": repeats,
+        "worst": {
+            "features_max_abs": max(r["features_max_abs"] for r in repeats),
+            "alpha_max_abs": max(r["alpha_max_abs"] for r in repeats),
+            "runs_differing": sum(r["frames_differing"] > 0 for r in repeats),
+        },
+        "across_thread_counts": across_threads,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Two MinkowskiEngine builds, A and B, timed on the same real frames in one run.
+
+Each round runs one short encoder measurement per build, each in its own process (one
+process can load only one MinkowskiEngine), alternating A, B, B, A, ... so machine noise
+hits both alike. A build is a folder holding an installed MinkowskiEngine (e.g.
+``pip install --no-deps --target DIR wheel``), put first on the process's path. Prints
+JSON: per build and batch size, the median per-stage ms over rounds, and B ÷ A.
+
+    python bench/minkowski_ab.py --a DIR_A --b DIR_B [--rounds 6] [--batch-sizes 1 4]
+
+The encoder refuses a build without canonical kernel maps at start-up; here that check
+only records what it found, so an unpatched build can serve as the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.encoder import DEFAULT_DATA  # noqa: E402
+from bench.machine import describe  # noqa: E402
+
+# One measurement in a child process: stage ms (median of repeats) per batch size.
+CHILD = """
+import json, statistics, sys
+sys.path.insert(0, sys.argv[1])
+import bifusion.encoder as enc
+from bifusion.minkowski import MinkowskiBuildError, ME, check_canonical_maps
+try:
+    check_canonical_maps()
+    canonical = True
+except MinkowskiBuildError:
+    canonical = False
+enc.check_canonical_maps = lambda: None
+from bench.encoder import real_frames
+from pathlib import Path
+data, points, repeats = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sizes = [int(s) for s in sys.argv[5].split(",")]
+encoder = enc.BiFusionEncoder(device="cpu")
+frames = real_frames(data)
+options = enc.EncodeOptions(max_points=points)
+rows = {}
+for size in sizes:
+    batch = [frames[i % len(frames)] for i in range(size)]
+    encoder.encode(batch, options)
+    stages = [encoder.encode(batch, options)[0].timings_ms for _ in range(repeats)]
+    rows[size] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+print(json.dumps({"me": ME.__file__, "canonical": canonical, "stage_ms": rows}))
+"""
+
+
+def measure(site: Path, args) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    command = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(ROOT),
+        str(args.data),
+        str(args.points),
+        str(args.repeats),
+        ",".join(map(str, args.batch_sizes)),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        sys.exit(f"measuring {site} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", type=Path, required=True, help="folder with build A (the baseline)")
+    parser.add_argument("--b", type=Path, required=True, help="folder with build B")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--points", type=int, default=20_000)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+
+    runs: dict[str, list[dict]] = {"a": [], "b": []}
+    for round_index in range(args.rounds):
+        order = ("a", "b") if round_index % 2 == 0 else ("b", "a")
+        for name in order:
+            runs[name].append(measure(getattr(args, name), args))
+
+    def medians(name: str) -> dict:
+        per_size = {}
+        for size in map(str, args.batch_sizes):
+            stages = [r["stage_ms"][size] for r in runs[name]]
+            per_size[size] = {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]}
+        return per_size
+
+    a, b = medians("a"), medians("b")
+    report = {
+        "benchmark": "minkowski_ab",
+        "machine": describe("cpu"),
+        "points_per_frame": args.points,
+        "rounds": args.rounds,
+        "repeats_per_round": args.repeats,
+        "data": str(args.data),
+        "builds": {
+            name: {"folder": str(getattr(args, name)), "canonical_maps": runs[name][0]["canonical"]}
+            for name in runs
+        },
+        "stage_ms": {"a": a, "b": b},
+        "b_over_a": {
+            size: {k: round(b[size][k] / a[size][k], 3) for k in a[size] if a[size][k] > 0} for size in a
+        },
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
