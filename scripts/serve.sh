@@ -5,5 +5,5 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BIFUSION_VENV:-$ROOT/.venv}"
-"$ROOT/scripts/setup.sh"
+"$ROOT/scripts/setup.sh" serve  # what serving needs: no test or lint tools
 exec "$VENV/bin/bifusion-server" "$@"

@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # Takes a fresh Debian/Ubuntu machine to a working venv with the whole stack.
+#
+#   scripts/setup.sh [serve|test]
+#
+# `serve` installs what serving needs; `test` (the default) adds the test and lint tools
+# (pytest, ruff, buf from npm, Prometheus, openssl). Every failure names the step that failed
+# and what to do.
 # Idempotent: every step checks before it acts; MinkowskiEngine's wheel is cached outside
 # the repository (keyed by its version, torch, Python, machine, CPU/CUDA build and the
 # source patches in docker/minkowski/) so only the first run pays for the build.
@@ -25,20 +31,34 @@ BUF_VERSION="1.75.0"
 ME_SDIST_URL="${BIFUSION_ME_SDIST_URL:-https://files.pythonhosted.org/packages/21/5c/c543c4bc5fbe73ac3e38465b3da4f24a61f7a4ac5baec867e582e94aa551/MinkowskiEngine-0.5.4.tar.gz}"
 ME_SDIST_SHA256="b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94"
 WHEEL_CACHE="${BIFUSION_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bifusion/wheels}"
-APT_PACKAGES=(libopenblas-dev prometheus openssl)
+SERVE_APT_PACKAGES=(libopenblas-dev)
+TEST_APT_PACKAGES=(prometheus openssl)  # promtool and a real Prometheus; test certificates
 PARTIAL_MARK=".bifusion-setup-incomplete"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# The running step and what to do if it fails: on_error (the ERR trap) says both, so no
+# failing command ends the setup without a word.
+STEP="setup" HINT=""
+step() { STEP="$1" HINT="$2"; }
+on_error() {
+  local rc=$?
+  log "error: $STEP failed (exit $rc: $BASH_COMMAND)"
+  if [ -n "$HINT" ]; then log "what to do: $HINT"; fi
+}
+
 install_apt_packages() {
-  local missing=()
-  for pkg in "${APT_PACKAGES[@]}"; do
+  local mode="${1:-test}" packages=("${SERVE_APT_PACKAGES[@]}") missing=()
+  [ "$mode" = serve ] || packages+=("${TEST_APT_PACKAGES[@]}")
+  for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
-  # npm installs buf (install_buf); any npm will do (Debian's, or the one in NodeSource's nodejs).
-  command -v npm >/dev/null || missing+=(npm)
+  # npm installs buf (install_buf, tests only); any npm will do (Debian's, or NodeSource's nodejs).
+  [ "$mode" = serve ] || command -v npm >/dev/null || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] && return
+  step "installing Debian packages (${missing[*]})" \
+    "install them yourself (sudo apt-get install ${missing[*]}) or run this as a user who may, with the Debian mirror reachable; then run it again"
   log "installing Debian packages: ${missing[*]}"
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -240,17 +260,20 @@ PY
 }
 
 install_project() {
-  # Reinstall only when the project's metadata changed since the last install.
-  local stamp="$VENV/.bifusion-project-stamp" want
+  # Reinstall only when the project's metadata changed since the last install, or when the
+  # test tools are wanted and the last install was for serving only.
+  local mode="${1:-test}" stamp="$VENV/.bifusion-project-stamp" want had=""
   want="$(cat "$ROOT/pyproject.toml" "$ROOT/client/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import bifusion, bifusion_server, bifusion_client" 2>/dev/null; then
+  [ -f "$stamp" ] && had="$(cat "$stamp")"
+  if { [ "$had" = "$want test" ] || [ "$had" = "$want $mode" ]; } && python -c "import bifusion, bifusion_server, bifusion_client" 2>/dev/null; then
     return
   fi
-  log "installing the project"
+  step "installing the project ($mode)" "pip's message above says which package failed; check that pip reaches its index (PIP_INDEX_URL), then run this again"
+  log "installing the project ($mode)"
   # The client distribution first: the server's bifusion-client requirement is then met locally.
   pip install -q -e "$ROOT/client"
-  pip install -q -e "$ROOT[dev]"
-  echo "$want" >"$stamp"
+  if [ "$mode" = serve ]; then pip install -q -e "$ROOT"; else pip install -q -e "$ROOT[dev]"; fi
+  echo "$want $mode" >"$stamp"
 }
 
 install_buf() {
@@ -259,20 +282,32 @@ install_buf() {
   if [ -x "$dir/node_modules/.bin/buf" ] && [ "$("$dir/node_modules/.bin/buf" --version)" = "$BUF_VERSION" ]; then
     return
   fi
+  step "installing buf $BUF_VERSION (the proto linter, for the tests) with npm" \
+    "serving does not need it (scripts/serve.sh skips it); for the tests, let npm reach its registry (npm config get registry; set it with npm config set registry URL) and run this again"
   log "installing buf $BUF_VERSION into $dir"
   npm install --prefix "$dir" --no-audit --no-fund --silent "@bufbuild/buf@$BUF_VERSION"
 }
 
 main() {
-  install_apt_packages
-  install_buf
+  local mode="${1:-test}"
+  case "$mode" in
+    serve | test) ;;
+    *) die "usage: scripts/setup.sh [serve|test] (serve: what serving needs; test, the default: also the test tools)" ;;
+  esac
+  set -E  # the ERR trap in every function too
+  trap on_error ERR
+  install_apt_packages "$mode"
+  if [ "$mode" = test ]; then install_buf; fi
+  step "making the venv" "the message above says why; remove $VENV or set BIFUSION_VENV, then run this again"
   make_venv
   local device
   device="$(target_device)"
   log "target device: $device"
+  step "installing torch" "check that pip reaches $TORCH_CPU_INDEX or PyPI (PIP_INDEX_URL, BIFUSION_TORCH_CPU_INDEX), then run this again"
   install_torch "$device"
+  step "building or installing MinkowskiEngine" "the compiler's message above says what broke (it needs g++, Python's headers and libopenblas-dev); remove the wheel folder it names to rebuild"
   install_minkowski_engine "$device"
-  install_project
+  install_project "$mode"
   finish_venv
   log "ready: $VENV (Python $(python -c 'import sys; print("%d.%d" % sys.version_info[:2])'), $device)"
 }

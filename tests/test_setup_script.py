@@ -155,3 +155,72 @@ def test_an_existing_venv_of_another_python_is_refused_not_removed(tmp_path, fak
     done = run("make_venv", [fakes], BIFUSION_VENV=str(venv))
     assert done.returncode != 0 and "remove it or set BIFUSION_VENV" in done.stderr
     assert (venv / "bin" / "python").exists()
+
+
+def test_a_venv_linked_in_is_ignored_like_a_made_one(tmp_path):
+    """setup.sh's venv may be a symlink to one made elsewhere; `.venv/` would match only a folder."""
+    git = shutil.which("git")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([git, "init", "-q", str(repo)], check=True)
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    (tmp_path / "elsewhere").mkdir()
+    (repo / ".venv").symlink_to(tmp_path / "elsewhere")
+    (repo / ".tools").symlink_to(tmp_path / "elsewhere")
+    listed = subprocess.run(
+        [git, "status", "--porcelain", "--untracked-files=all"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert listed.stdout.split() == ["??", ".gitignore"]
+
+
+# main() with the venv, torch and MinkowskiEngine steps stubbed: what it installs by mode.
+STUBBED_MAIN = """
+make_venv() { mkdir -p "$VENV"; }
+finish_venv() { :; }
+target_device() { echo cpu; }
+install_torch() { :; }
+install_minkowski_engine() { :; }
+main "$@"
+"""
+
+
+@pytest.fixture
+def setup_fakes(tmp_path):
+    """dpkg says every package is installed; apt-get, pip and npm record their calls."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    fake(bin_dir, "dpkg-query", "printf 'install ok installed'")
+    fake(bin_dir, "apt-get", f'echo "apt-get $*" >>"{calls}"; exit 100')
+    fake(bin_dir, "pip", f'echo "pip $*" >>"{calls}"')
+    fake(bin_dir, "python", 'case "$*" in *version_info*) echo 3.11 ;; *) exit 1 ;; esac')
+    return bin_dir, calls
+
+
+def test_serving_installs_no_test_tools_and_needs_no_npm(setup_fakes, tmp_path):
+    bin_dir, calls = setup_fakes  # no npm on PATH, and apt-get cannot install one
+    done = run(STUBBED_MAIN.replace('"$@"', "serve"), [bin_dir], BIFUSION_VENV=str(tmp_path / "venv"))
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == [f"pip install -q -e {ROOT}/client", f"pip install -q -e {ROOT}"]
+    assert "buf" not in done.stderr
+
+
+def test_a_failing_step_says_what_failed_and_what_to_do(setup_fakes, tmp_path):
+    bin_dir, calls = setup_fakes
+    # A host without the npm registry: npm fails after the Debian packages were fine.
+    fake(bin_dir, "npm", 'echo "npm error network request to https://registry.npmjs.org/ failed" >&2; exit 1')
+    venv = tmp_path / "venv"
+    done = run(STUBBED_MAIN.replace('"$@"', "test"), [bin_dir], BIFUSION_VENV=str(venv), HOME=str(tmp_path))
+    assert done.returncode != 0
+    assert "registry.npmjs.org/ failed" in done.stderr  # npm's own words are kept
+    assert "error: installing buf 1.75.0 (the proto linter, for the tests) with npm failed" in done.stderr
+    assert "what to do: serving does not need it (scripts/serve.sh skips it)" in done.stderr
+    assert not calls.exists(), "nothing after the failed step ran"
+    # Any step: pip failing in the project install names that step.
+    fake(bin_dir, "pip", 'echo "ERROR: No matching distribution found for grpcio" >&2; exit 1')
+    done = run(STUBBED_MAIN.replace('"$@"', "serve"), [bin_dir], BIFUSION_VENV=str(venv))
+    assert done.returncode != 0
+    assert "error: installing the project (serve) failed (exit 1: pip install" in done.stderr
+    assert "what to do: pip's message above says which package failed" in done.stderr
