@@ -329,6 +329,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--frames-per-client", type=int, default=2, help="timed frames per client and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed frames per client and round")
     parser.add_argument("--min-frames", type=int, default=6, help="timed frames per round at least")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per concurrency (order rotates)")
     parser.add_argument(
@@ -403,6 +404,7 @@ def run(args: argparse.Namespace) -> dict:
                         requests,
                         concurrency=concurrency,
                         frames=frames,
+                        warmup=args.warmup,
                     )
                     rounds[name].append(report)
             row = {"concurrency": concurrency}
@@ -443,6 +445,7 @@ def run(args: argparse.Namespace) -> dict:
                 c: max(args.min_frames, args.frames_per_client * c) for c in args.concurrency
             },
             "rounds": args.rounds,
+            "untimed_frames_per_client_and_round": args.warmup,
             "ours": {
                 **ours_policy,
                 "max_batch_delay_ms": args.max_batch_delay_ms,

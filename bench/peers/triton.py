@@ -123,14 +123,20 @@ class TritonServer:
         with grpcclient.InferenceServerClient(self.address) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"tritonserver exited:\n{self.log_path.read_text()[-4000:]}")
+                    raise RuntimeError(f"tritonserver exited:\n{self.errors()}")
                 try:
                     if client.is_model_ready(MODEL_NAME):
                         return
                 except Exception:  # not listening yet
                     pass
                 time.sleep(0.5)
-        raise TimeoutError(f"Triton's model not ready:\n{self.log_path.read_text()[-4000:]}")
+        raise TimeoutError(f"Triton's model not ready:\n{self.errors()}")
+
+    def errors(self) -> str:
+        """The log's error lines (its start-up tables would hide them) and its last lines."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        picked = [line for line in lines if line.startswith("E") or "error" in line.lower()]
+        return "\n".join([*picked[-20:], *lines[-5:]])[-6000:]
 
     def versions(self) -> dict:
         import tritonclient.grpc as grpcclient

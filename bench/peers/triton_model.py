@@ -9,8 +9,7 @@ as one ``BiFusionEncoder.encode`` call. Tensors in and out follow
 the rest of its batch still runs.
 """
 
-from __future__ import annotations
-
+# No `from __future__` import: bench/peers/triton.py prepends a sys.path line to this file.
 import json
 
 import numpy as np
@@ -18,6 +17,13 @@ import triton_python_backend_utils as pb_utils
 
 from bench.peers.triton_tensors import INPUTS, frame_from_inputs, outputs_from_result
 from bifusion import BiFusionEncoder, InputError  # before torch: bifusion sets OpenMP's wait policy
+
+
+def _array(tensor) -> np.ndarray:
+    # Through DLPack, not tensor.as_numpy(): the backend stub was built against numpy 1, and
+    # under numpy 2 as_numpy() returns arrays with the right shape but wrong strides (every
+    # row of CAM_TO_WORLD read as the same numbers) without an error.
+    return np.from_dlpack(tensor)
 
 
 class TritonPythonModel:
@@ -33,7 +39,7 @@ class TritonPythonModel:
         responses: list = [None] * len(requests)
         frames, options, rows = [], [], []
         for row, request in enumerate(requests):
-            arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in INPUTS}
+            arrays = {name: _array(pb_utils.get_input_tensor_by_name(request, name)) for name in INPUTS}
             frame, opts = frame_from_inputs(arrays)
             try:
                 self.encoder.validate(frame, opts)
@@ -48,9 +54,9 @@ class TritonPythonModel:
         results = self.encoder.encode(frames, options, validate=False) if frames else []
         for row, result in zip(rows, results, strict=True):
             outputs = outputs_from_result(result, len(results))
-            # Through DLPack, not pb_utils.Tensor(name, array): the backend stub was built
-            # against numpy 1, and with numpy 2 the latter sends empty tensors (with their
-            # shapes) without an error. DLPack wants writeable, contiguous arrays.
+            # Through DLPack, not pb_utils.Tensor(name, array), which under numpy 2 sends
+            # tensors with their shapes and no data (see _array). DLPack wants writeable,
+            # contiguous arrays.
             tensors = [
                 pb_utils.Tensor.from_dlpack(name, np.require(array, requirements=["C", "W"]))
                 for name, array in outputs.items()
