@@ -87,8 +87,10 @@ class TritonServer:
         shutil.copy(stub / "triton_python_backend_stub", backend / "triton_python_backend_stub")
         model = self.workdir / "models" / MODEL_NAME
         (model / "1").mkdir(parents=True)
-        # The stub's embedded Python ignores PYTHONPATH: the model puts the checkout on sys.path.
-        preamble = f"import sys\n\nsys.path[:0] = {list(import_paths or [])!r}\n"
+        # The stub's embedded Python ignores PYTHONPATH: the model puts the checkout and
+        # PYTHONPATH's folders on sys.path itself.
+        paths = [*(import_paths or []), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+        preamble = f"import sys\n\nsys.path[:0] = {[p for p in paths if p]!r}\n"
         (model / "1" / "model.py").write_text(preamble + (HERE / "triton_model.py").read_text())
         self.config = model_config(max_batch_size, max_batch_delay_ms, device, instances, checkpoint)
         (model / "config.pbtxt").write_text(self.config)
