@@ -57,7 +57,7 @@ import MinkowskiEngine as ME, sys; sys.exit(0 if ME.is_cuda_available() else 1)"
 if ! me_imports; then
   [ -f "$KIT/run.sh" ] || { log "no .gpu-kit here and MinkowskiEngine is not set up: carry .gpu-kit (call 1)"; exit 1; }
   log "setting up with .gpu-kit/run.sh"
-  GPU_KIT_STEPS="" OUT="$OUTD" bash "$KIT/run.sh" > /dev/null || { log "gpu-kit setup failed"; exit 1; }
+  GPU_KIT_STEPS=setup-only OUT="$OUTD" bash "$KIT/run.sh" > /dev/null || { log "gpu-kit setup failed"; exit 1; }
   me_imports || { log "MinkowskiEngine does not import with CUDA"; exit 1; }
 fi
 [ -d "$DATA" ] || { log "no frames at $DATA (.gpu-kit/data)"; exit 1; }
