@@ -6,6 +6,10 @@ frame (``group_3d = 1``, CLIP still batched), measured interleaved in one run so
 noise hits all alike.
 
     python bench/encoder.py [--batch-sizes 1 4 8] [--repeats 3] [--device auto] [--3d-per-frame]
+    BIFUSION_THREADS=1 python bench/encoder.py --thread-cpu-time --3d-per-frame   # work, not wall
+
+Each row also counts the minor page faults per frame of the batched calls: memory the
+allocator took fresh from the kernel (and zeroed) instead of reusing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -53,6 +58,12 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--thread-cpu-time",
+        action="store_true",
+        help="stage times in CPU time of the calling thread, not wall time (with BIFUSION_THREADS=1 all "
+        "the work runs there: a measure of work that other load on the machine does not inflate)",
+    )
+    parser.add_argument(
         "--3d-per-frame",
         dest="per_frame_3d",
         action="store_true",
@@ -65,6 +76,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if args.thread_cpu_time:
+        import bifusion.encoder
+
+        bifusion.encoder.time.perf_counter = time.thread_time  # what the stage timer reads
     encoder = BiFusionEncoder(args.checkpoint, device=args.device, amp=args.amp)
     frames = real_frames(args.data)
     options = EncodeOptions(max_points=args.points)
@@ -73,8 +88,8 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         batch = [frames[i % len(frames)] for i in range(batch_size)]
-        batched_s, loop_s, stages = [], [], []
-        split_s, split_stages = [], []
+        batched_s, loop_s, stages, faults = [], [], [], []
+        split_s, split_stages, split_faults = [], [], []
         split = args.per_frame_3d and batch_size > 1
         # Untimed: a new batch size needs bigger pinned buffers, two of them since each call
         # runs while the previous results are held (below); allocating them costs ~0.5 ms/MB.
@@ -82,15 +97,19 @@ def main() -> None:
         results = encoder.encode(batch, options)
         allocations = pinned_allocations(encoder)
         for _ in range(args.repeats):
+            faulted = minor_faults()
             start = time.perf_counter()
             results = encoder.encode(batch, options)
             batched_s.append(time.perf_counter() - start)
+            faults.append(minor_faults() - faulted)
             stages.append(results[0].timings_ms)
             if split:
                 encoder.group_3d = 1
                 start = time.perf_counter()
+                faulted = minor_faults()
                 split_stages.append(encoder.encode(batch, options)[0].timings_ms)
                 split_s.append(time.perf_counter() - start)
+                split_faults.append(minor_faults() - faulted)
                 encoder.group_3d = None
             start = time.perf_counter()
             for frame in batch:
@@ -107,8 +126,9 @@ def main() -> None:
                 "loop_frames_per_s": round(batch_size / loop, 3),
                 "speedup_vs_loop": round(loop / batched, 3),
                 "stage_ms": {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]},
+                "minor_page_faults_per_frame": round(statistics.median(faults) / batch_size),
                 "pinned_allocations_timed": pinned_allocations(encoder) - allocations,
-                **(split_row(batch_size, split_s, split_stages, batched) if split else {}),
+                **(split_row(batch_size, split_s, split_stages, split_faults, batched) if split else {}),
                 **({"host_calls_per_encode": host_calls} if host_calls is not None else {}),
             }
         )
@@ -116,6 +136,7 @@ def main() -> None:
         "benchmark": "encoder",
         "machine": describe(str(encoder.device)),
         "amp": encoder.amp,
+        "stage_clock": "thread CPU time" if args.thread_cpu_time else "wall",
         "thread_settings": encoder.thread_settings.as_dict(),
         "demo_weights": encoder.info.demo_weights,
         "repeats": args.repeats,
@@ -130,14 +151,21 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def split_row(batch_size: int, seconds: list[float], stages: list[dict], batched: float) -> dict:
+def split_row(
+    batch_size: int, seconds: list[float], stages: list[dict], faults: list[int], batched: float
+) -> dict:
     """The batch with the U-Net and fusion frame by frame, against the whole batch."""
     median = statistics.median(seconds)
     return {
         "3d_per_frame_frames_per_s": round(batch_size / median, 3),
         "3d_per_frame_speedup_vs_batched": round(batched / median, 3),
         "3d_per_frame_stage_ms": {k: round(statistics.median(s[k] for s in stages), 1) for k in stages[0]},
+        "3d_per_frame_minor_page_faults_per_frame": round(statistics.median(faults) / batch_size),
     }
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def pinned_allocations(encoder) -> int:

@@ -167,10 +167,10 @@ class BiFusionEncoder:
                     last - first,
                     chunk=self.fusion_chunk,
                 )
-            if len(groups) == 1:
-                features, alpha = fused, weight
-            else:
-                features[rows], alpha[rows] = fused, weight
+                if len(groups) == 1:
+                    features, alpha = fused, weight
+                else:
+                    features[rows], alpha[rows] = fused, weight
         with timer("output"):
             results = self._results(frames, options, points, features.float(), alpha.float())
         for result in results:
