@@ -64,11 +64,14 @@ def _serve(conn, encoder) -> None:
 
     from .device_memory import gpu_memory
     from .failures import classify_failure
+    from .heap import IDLE_SECONDS, trim
     from .instance_transfer import SegmentMaps, pack, unpack
 
     maps = SegmentMaps()
     while True:
         try:
+            if not conn.poll(IDLE_SECONDS):
+                trim()  # as the server process does once idle (heap.py)
             message = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             return

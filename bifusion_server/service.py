@@ -29,6 +29,7 @@ from .budget import Budget, BudgetFull, Cost
 from .client_shared_memory import Lease, Region, SharedMemoryRegistry
 from .decode import DecodedRequest, decode_request, largest_field, parse_request, request_cost
 from .failures import InstanceLost, ModelFailed
+from .heap import IdleTrim
 from .metrics import ServerMetrics
 from .respond import (
     model_id,
@@ -123,6 +124,7 @@ class EncoderService:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._heap = IdleTrim(io_executor)  # load's garbage goes back to the system once it ends
 
     # Life cycle -----------------------------------------------------------------------
     def attach(self, model: Attached) -> None:
@@ -464,6 +466,7 @@ class EncoderService:
     def _enter(self) -> None:
         self._inflight += 1
         self._idle.clear()
+        self._heap.busy()
         self._metrics.inflight.set(self._inflight)
 
     def _leave(self) -> None:
@@ -471,6 +474,7 @@ class EncoderService:
         self._metrics.inflight.set(self._inflight)
         if self._inflight == 0:
             self._idle.set()
+            self._heap.idle()
 
 
 def _parse(message_type, data: bytes):
