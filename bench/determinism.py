@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def main() -> None:
     report = {
         "benchmark": "determinism",
         "machine": describe(str(encoder.device)),
+        # Set on some hosts to keep older OpenBLAS builds correct; they change its kernels.
+        "openblas_environment": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
         "batch_size": args.batch_size,
         "points_per_frame": first[0].stats.num_points,
         "repeats": repeats,
