@@ -8,6 +8,7 @@ work to a replica that cannot take it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -52,6 +53,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_NAMES = ("", SERVICE_NAME)  # overall and per service
 STOP_GRACE_SECONDS = 1.0
+DRAIN_QUIET_SECONDS = 0.5  # a drain stops once no call has arrived for this long
 RECEIVE_CEILING = 4  # gRPC reads messages up to this many times --max-message-bytes
 AUTO_STREAM_WINDOW = 8
 
@@ -180,6 +182,12 @@ class BiFusionServer:
                 self._service.inflight,
                 self.config.drain_seconds,
             )
+        else:
+            # Calls that arrive as grpc stops are cancelled: refuse them (UNAVAILABLE) until
+            # callers go quiet, within what is left of the drain time.
+            left = self.config.drain_seconds - (time.monotonic() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._service.wait_quiet(DRAIN_QUIET_SECONDS), max(left, 0.0))
         await self.stop()
         log.info("drained and stopped in %.2f s", time.monotonic() - started)
 

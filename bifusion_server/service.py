@@ -124,6 +124,7 @@ class EncoderService:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_call = time.monotonic()  # when the latest call arrived (drain's quiet wait)
         self._heap = IdleTrim(io_executor)  # load's garbage goes back to the system once it ends
 
     # Life cycle -----------------------------------------------------------------------
@@ -135,6 +136,21 @@ class EncoderService:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    async def wait_quiet(self, seconds: float) -> None:
+        """Until nothing is in flight and no call has arrived for ``seconds``.
+
+        grpc cancels a call that arrives while the server stops, so a drain that stopped as
+        soon as it was idle turned a client's next call (sent the moment its last one ended,
+        as a client behind a proxy does) into CANCELLED. Waiting for quiet first answers
+        such calls UNAVAILABLE (retry elsewhere). The caller bounds the wait.
+        """
+        while True:
+            await self._idle.wait()
+            quiet_for = time.monotonic() - self._last_call
+            if quiet_for >= seconds:
+                return
+            await asyncio.sleep(seconds - quiet_for)
 
     @property
     def inflight(self) -> int:
@@ -464,6 +480,7 @@ class EncoderService:
             record(Code.INTERNAL)  # a no-op unless something the excepts do not catch ended the call
 
     def _enter(self) -> None:
+        self._last_call = time.monotonic()
         self._inflight += 1
         self._idle.clear()
         self._heap.busy()
