@@ -8,7 +8,7 @@
 #   mkdir -p .gpu-kit && cp -r ../shared/gpu-kit/. .gpu-kit/ && cp -r ../shared/data .gpu-kit/data
 #   bash bench/gpu_check.sh prepare     # .peer-kit/: Triton's wheels for the device's Python
 # Then two calls made back to back (the machine keeps /tmp and .gpu-kit while warm):
-#   call 1: carry [".gpu-kit"],  command "bash bench/gpu_check.sh encoder serve1 profile"
+#   call 1: carry [".gpu-kit"],  command "bash bench/gpu_check.sh encoder determinism serve1 profile"
 #   call 2: carry [".peer-kit"], command "bash bench/gpu_check.sh peers serve2"
 # (.gpu-kit is 32 MB, .peer-kit 57 MB: together over one call's 64 MiB.)
 #
@@ -18,6 +18,7 @@
 #   serve2   the same with --instances 2
 #   peers    ours vs Triton (gRPC and system shared memory) at 1/16/64 clients
 #   profile  one batch-16 call under torch.profiler; SM busy under 64 clients (nvidia-smi dmon)
+#   determinism  bench/determinism.py --device cuda: the same batch of 16, 10 times (atomics)
 # Knobs: GPU_SECONDS (per serve level, default 10), GPU_MAX_BATCH (default 16),
 # GPU_TRANSPORTS (default every transport).
 set -u
@@ -99,6 +100,10 @@ for step in "$@"; do
       log "bench/encoder.py --device cuda"
       timeout 180 python3 bench/encoder.py --device cuda --data "$DATA" --batch-sizes 1 8 16 32 --repeats 5 \
         --profile > "$OUTD/encoder-cuda.json" && log "written encoder-cuda.json" || log "encoder FAILED" ;;
+    determinism)
+      log "bench/determinism.py --device cuda: the same batch of 16, 10 times"
+      timeout 120 python3 bench/determinism.py --device cuda --data "$DATA" --batch-size 16 --repeats 10 \
+        > "$OUTD/determinism-cuda.json" && log "written determinism-cuda.json" || log "determinism FAILED" ;;
     serve1) run_serve 1 ;;
     serve2) run_serve 2 ;;
     peers) run_peers ;;
