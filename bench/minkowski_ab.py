@@ -4,7 +4,8 @@ Each round runs one short encoder measurement per build, each in its own process
 process can load only one MinkowskiEngine), alternating A, B, B, A, ... so machine noise
 hits both alike. A build is a folder holding an installed MinkowskiEngine (e.g.
 ``pip install --no-deps --target DIR wheel``), put first on the process's path. Prints
-JSON: per build and batch size, the median per-stage ms over rounds, and B ÷ A.
+JSON: per build and batch size, the median per-stage ms over rounds (and the CPU ms
+of all threads per batch, which other load hardly moves), and B ÷ A.
 
     python bench/minkowski_ab.py --a DIR_A --b DIR_B [--rounds 6] [--batch-sizes 1 4]
 
@@ -30,7 +31,7 @@ from bench.machine import describe  # noqa: E402
 
 # One measurement in a child process: stage ms (median of repeats) per batch size.
 CHILD = """
-import json, statistics, sys
+import json, resource, statistics, sys
 sys.path.insert(0, sys.argv[1])
 import bifusion.encoder as enc
 from bifusion.minkowski import MinkowskiBuildError, ME, check_canonical_maps
@@ -51,7 +52,15 @@ rows = {}
 for size in sizes:
     batch = [frames[i % len(frames)] for i in range(size)]
     encoder.encode(batch, options)
-    stages = [encoder.encode(batch, options)[0].timings_ms for _ in range(repeats)]
+    stages = []
+    for _ in range(repeats):
+        # CPU seconds of every thread too: unlike wall time, they hardly move when other
+        # processes share the cores.
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        stages.append(dict(encoder.encode(batch, options)[0].timings_ms))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        stages[-1]["cpu_ms_all_threads"] = cpu * 1000
     rows[size] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
 print(json.dumps({"me": ME.__file__, "canonical": canonical, "stage_ms": rows}))
 """
