@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,20 @@ def to_frame(f: FolderFrame, **overrides):
     from bifusion import Frame, Intrinsics
 
     return Frame(**{**vars(f), "intrinsics": Intrinsics(**f.intrinsics), **overrides})
+
+
+def tum_sequence(folder: Path) -> tuple[Path, list[dict]]:
+    """The sample frames laid out as a TUM RGB-D sequence (rgb/, depth/, rgb.txt, depth.txt,
+    groundtruth.txt) in ``folder/seq``; returns it and frames.json's entries."""
+    seq = folder / "seq"
+    seq.mkdir()
+    entries = json.loads((TUM_DIR / "frames.json").read_text())["frames"]
+    for sub in ("rgb", "depth"):
+        shutil.copytree(TUM_DIR / sub, seq / sub)
+    (seq / "rgb.txt").write_text("".join(f"{e['rgb_timestamp']:.6f} {e['rgb']}\n" for e in entries))
+    (seq / "depth.txt").write_text("".join(f"{e['depth_timestamp']:.6f} {e['depth']}\n" for e in entries))
+    shutil.copy(TUM_DIR / "groundtruth.txt", seq / "groundtruth.txt")
+    return seq, entries
 
 
 @pytest.fixture(scope="session")

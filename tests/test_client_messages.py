@@ -4,10 +4,9 @@ says what is wrong and what to do. None of these needs a server."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from conftest import TUM_DIR
+from conftest import TUM_DIR, tum_sequence
 from test_client_cli import cli, pair_args
 
 from bifusion_client.cli import build_parser
@@ -111,13 +110,7 @@ def test_every_subcommand_has_a_description_and_the_topics_their_encodings():
 
 
 def test_tum_pairing_says_what_it_left_out(tmp_path):
-    seq = tmp_path / "seq"
-    seq.mkdir()
-    entries = json.loads((TUM_DIR / "frames.json").read_text())["frames"]
-    for sub in ("rgb", "depth"):
-        shutil.copytree(TUM_DIR / sub, seq / sub)
-    (seq / "rgb.txt").write_text("".join(f"{e['rgb_timestamp']:.6f} {e['rgb']}\n" for e in entries))
-    (seq / "depth.txt").write_text("".join(f"{e['depth_timestamp']:.6f} {e['depth']}\n" for e in entries))
+    seq, _ = tum_sequence(tmp_path)
     from bifusion_client.sources.timing import unpaired_warning
 
     warnings = []

@@ -4,13 +4,12 @@ PointCloud2 bag, pictures, Rerun), over real gRPC on loopback, checked against t
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import test_client_cli
-from conftest import TUM_DIR
+from conftest import TUM_DIR, tum_sequence
 from PIL import Image
 from rosbag_data import COLOR_TOPIC, DEPTH_TOPIC, expected_pose, write_rgbd_bag
 from test_client_cli import cli
@@ -217,14 +216,7 @@ def test_a_frame_without_points_leaves_the_pca_fit_to_a_later_frame(rng):
 
 
 def test_encode_a_tum_sequence_to_npz(live, tmp_path):
-    seq = tmp_path / "seq"
-    seq.mkdir()
-    entries = json.loads((TUM_DIR / "frames.json").read_text())["frames"]
-    for sub in ("rgb", "depth"):
-        shutil.copytree(TUM_DIR / sub, seq / sub)
-    (seq / "rgb.txt").write_text("".join(f"{e['rgb_timestamp']:.6f} {e['rgb']}\n" for e in entries))
-    (seq / "depth.txt").write_text("".join(f"{e['depth_timestamp']:.6f} {e['depth']}\n" for e in entries))
-    shutil.copy(TUM_DIR / "groundtruth.txt", seq / "groundtruth.txt")
+    seq, entries = tum_sequence(tmp_path)
     done = cli("encode", "--address", live.address, "--tum", str(seq), "--limit", "2", "--max-points", "500",
                "--out-dir", str(tmp_path / "out"))  # fmt: skip
     assert done.returncode == 0, done.stderr

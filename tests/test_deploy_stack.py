@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 from deploy_tools import DOCKER, ROOT, ComposeProject, buildx_build, docker, docker_engine, image_size
-from serving_harness import LOOPBACK, free_port
+from serving_harness import LOOPBACK, free_port, wait_until
 
 from bifusion import BiFusionEncoder, EncodeOptions
 from bifusion.checkpoint import save_checkpoint
@@ -145,16 +145,6 @@ def prometheus_value(stack, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_encoder_turns_healthy(stack):
     assert stack.inspect("encoder", "{{.State.Health.Status}}") == "healthy"
     assert stack.healthy_after < HEALTHY_WITHIN
@@ -181,7 +171,7 @@ def test_prometheus_scrapes_the_encoder_and_loaded_the_rules(stack):
         ours = [t for t in targets if t["labels"]["job"] == "bifusion-encoder"]
         return ours and all(t["health"] == "up" for t in ours)
 
-    wait_for(encoder_target_up, 60, "Prometheus to scrape the encoder")
+    wait_until(encoder_target_up, 60, "Prometheus to scrape the encoder", interval=1.0)
     rules = [r for g in prometheus(stack, "/api/v1/rules")["groups"] for r in g["rules"]]
     shipped = (DOCKER / "prometheus" / "rules" / "bifusion.yml").read_text()
     assert len(rules) == len(re.findall(r"^\s*- (?:alert|record):", shipped, re.M)) > 0
@@ -192,12 +182,13 @@ def test_prometheus_scrapes_the_encoder_and_loaded_the_rules(stack):
         ("bifusion_gate_mean_last", last.gate_mean),
         ("bifusion_valid_ratio_last", last.valid_ratio),
     ):
-        wait_for(
+        wait_until(
             lambda expr=expr, want=want: (
                 (v := prometheus_value(stack, expr)) is not None and abs(v - want) < 1e-6
             ),
             30,
             f"{expr} == {want} in Prometheus",
+            interval=1.0,
         )
     assert prometheus_value(stack, "sum(bifusion_frames_total)") >= 5
 
@@ -234,7 +225,11 @@ def test_sigkilled_server_is_restarted_by_its_policy(stack):
     pid = int(stack.inspect("encoder", "{{.State.Pid}}"))
     restarts = int(stack.inspect("encoder", "{{.RestartCount}}"))
     os.kill(pid, signal.SIGKILL)  # the server process itself, as a crash would end it
-    wait_for(lambda: int(stack.inspect("encoder", "{{.RestartCount}}")) > restarts, 60, "a restart")
+
+    def restarted() -> bool:
+        return int(stack.inspect("encoder", "{{.RestartCount}}")) > restarts
+
+    wait_until(restarted, 60, "a restart", interval=1.0)
     stack.wait_healthy("encoder", HEALTHY_WITHIN)
     with BiFusionClient(stack.grpc) as client:
         assert client.health(timeout=10) == "SERVING"
@@ -268,7 +263,7 @@ def test_stop_under_load_loses_no_call_in_flight_and_ends_the_rest_unavailable(s
     for thread in threads:
         thread.start()
     try:
-        wait_for(lambda: len(outcomes) >= 4, 120, "the clients' first answers", interval=0.1)
+        wait_until(lambda: len(outcomes) >= 4, 120, "the clients' first answers", interval=0.1)
         stop_began = time.monotonic()
         stack.run("stop", "encoder", timeout=180)
         stop_ended = time.monotonic()
