@@ -161,7 +161,8 @@ class EncoderService:
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "EncodeFrame": grpc.unary_unary_rpc_method_handler(self.encode_frame),
+                # Served as client-streaming (one message on the wire either way): see encode_frame.
+                "EncodeFrame": grpc.stream_unary_rpc_method_handler(self.encode_frame),
                 "EncodeStream": grpc.stream_stream_rpc_method_handler(self.encode_stream),
                 "GetModelInfo": grpc.unary_unary_rpc_method_handler(self.get_model_info),
                 "RegisterSharedMemory": grpc.unary_stream_rpc_method_handler(self.register_shared_memory),
@@ -170,9 +171,17 @@ class EncoderService:
         )
 
     # RPCs ---------------------------------------------------------------------------
-    async def encode_frame(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def encode_frame(self, requests, context: grpc.aio.ServicerContext) -> bytes:
+        """A unary call, handled from the moment its headers arrive rather than once its whole
+        request (0.6 MB and more) has: while the frame arrives the call is in flight, so a
+        drain waits for it, and a call that starts arriving during a drain is refused at once
+        (UNAVAILABLE). As a plain unary handler, a frame still arriving when the drain ended
+        was neither, and gRPC's stop cancelled it (CANCELLED) behind a slow link or proxy."""
+
         async def work() -> bytes:
-            _, response = await self._process(self._accepting(), request, _deadline(context))
+            model = self._accepting()
+            request = await _only_message(requests)
+            _, response = await self._process(model, request, _deadline(context))
             self._sent(response)
             return response
 
@@ -492,6 +501,13 @@ class EncoderService:
         if self._inflight == 0:
             self._idle.set()
             self._heap.idle()
+
+
+async def _only_message(requests) -> bytes:
+    """The one request of a unary call served as client-streaming."""
+    async for request in requests:
+        return request
+    raise ServiceError(Code.INVALID_ARGUMENT, "request: the call carried no message", "request")
 
 
 def _parse(message_type, data: bytes):

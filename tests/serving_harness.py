@@ -227,6 +227,58 @@ def server_process(
                     process.wait()
 
 
+class SlowLink:
+    """A TCP proxy on loopback whose client-to-server direction carries ``rate`` bytes a
+    second (server to client is not slowed): a camera's frames over a slow link, or through
+    a loaded userland proxy. ``address`` is what clients dial. Closing it closes every
+    connection it made."""
+
+    CHUNK = 16 * 1024
+
+    def __init__(self, target: str, rate: float):
+        self._target = target.rsplit(":", 1)
+        self._delay = self.CHUNK / rate
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._sockets: list[socket.socket] = [self._listener]
+        self._closed = threading.Event()
+        self.address = f"{LOOPBACK}:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection((self._target[0], int(self._target[1])), timeout=10)
+            server.settimeout(None)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, self._delay), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, 0.0), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(self.CHUNK):  # ends when either side closes
+                if self._closed.wait(delay):
+                    return
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closed.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def __enter__(self) -> SlowLink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class ModelSpy:
     """Wraps an encoder: records the frame ids every model call sees, can hold calls at a
     gate (to keep the model busy on purpose) and can fail batches holding a given frame id

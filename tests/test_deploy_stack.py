@@ -272,21 +272,18 @@ def test_stop_under_load_loses_no_call_in_flight_and_ends_the_rest_unavailable(s
         for thread in threads:
             thread.join(180)
     codes = collections.Counter(code for code, _, _ in outcomes)
-    OK, UNAVAILABLE, CANCELLED = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED
-    assert set(codes) <= {OK, UNAVAILABLE, CANCELLED}, (codes, [o for o in outcomes if o[0] != OK])
+    OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
+    # Never CANCELLED: a call whose frame is still coming through the proxy is in flight (or
+    # refused) from its headers on (tests/test_serving_lifecycle.py has the slow-link case).
+    assert set(codes) <= {OK, UNAVAILABLE}, (codes, [o for o in outcomes if o[0] != OK])
     assert all(details == model_id for code, details, _ in outcomes if code == OK)
     logs = stack.run("logs", "--no-color", "encoder").stdout
     in_flight = int(re.findall(r"draining: (\d+) requests in flight", logs)[-1])
     finished_after_stop = sum(1 for code, _, t in outcomes if code == OK and t > stop_began)
     assert finished_after_stop >= in_flight, (in_flight, codes)
-    assert codes[UNAVAILABLE] + codes[CANCELLED] == len(threads)  # each client was turned away once
+    assert codes[UNAVAILABLE] == len(threads)  # each client was turned away once
     assert stop_ended - stop_began < 45  # drained, not killed at stop_grace_period
     assert stack.inspect("encoder", "{{.State.ExitCode}}") == "0"
-    if codes[CANCELLED]:
-        # Known server bug, not yet fixed: the drain's quiet period (no call for 0.5 s before
-        # grpc's stop()) made it rarer but a call still ends CANCELLED now and then through
-        # docker's port proxy. docs/deploy.md, "Stopping under load", says what is known.
-        pytest.xfail(f"{codes[CANCELLED]} call(s) ended CANCELLED instead of UNAVAILABLE: {dict(codes)}")
 
 
 def test_missing_grafana_password_is_refused(stack, tmp_path):

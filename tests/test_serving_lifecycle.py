@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from PIL import Image
 from serving_harness import (
     ModelSpy,
+    SlowLink,
     health_status,
     running_server,
     server_process,
@@ -226,6 +227,43 @@ def test_drain_ends_an_idle_stream_promptly(encoder, tum_folder_frames):
         drain.result(30)
         assert time.monotonic() - started < 10  # it did not wait out drain_seconds
         more.set()
+
+
+def test_a_frame_arriving_over_a_slow_link_is_in_flight_from_its_first_byte(encoder, tum_folder_frames):
+    """Over a slow link (or a loaded proxy) a frame takes seconds to arrive. A call that began
+    before the drain counts in flight as soon as its headers are in, so the drain waits for
+    its body and it ends OK; a call that begins during the drain is refused UNAVAILABLE at
+    its headers, long before its body could have arrived. Served as plain unary calls, both
+    reached the service only once their bodies had, and gRPC's stop cancelled the first."""
+    frame = tum_folder_frames[0]
+    request = request_from_folder_frame(frame, max_points=500)
+    rate = len(request.SerializeToString()) / 3  # each body takes about 3 s to arrive
+    # Two links: a second call on the first one would queue behind the first call's body.
+    with (
+        running_server(encoder, drain_seconds=60) as live,
+        SlowLink(live.address, rate) as first_link,
+        SlowLink(live.address, rate) as second_link,
+        BiFusionClient(first_link.address) as first,
+        BiFusionClient(second_link.address) as second,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        arriving = pool.submit(first.encode_request, request, 60)
+        wait_until(
+            lambda: live.metric("bifusion_inflight_requests") == 1,
+            timeout=1.5,
+            what="the call to count in flight while its frame is still arriving",
+        )
+        assert not arriving.done()
+        drain = live.start_drain()
+        wait_for_health(live.address, "NOT_SERVING", timeout=10)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            second.encode_request(request, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.details()
+        assert time.monotonic() - started < 1.5  # at its headers, not after its body
+        assert arriving.result(60).frame_id == frame.frame_id
+        drain.result(60)
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
