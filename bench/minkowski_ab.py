@@ -5,7 +5,10 @@ process can load only one MinkowskiEngine), alternating A, B, B, A, ... so machi
 hits both alike. A build is a folder holding an installed MinkowskiEngine (e.g.
 ``pip install --no-deps --target DIR wheel``), put first on the process's path. Prints
 JSON: per build and batch size, the median per-stage ms over rounds (and the CPU ms
-of all threads per batch, which other load hardly moves), and B ÷ A.
+of all threads per batch, which other load hardly moves), and B ÷ A. Also the U-Net's
+kernel-map building alone (``unet_maps``: one frame's U-Net on fresh coordinates minus the
+same on cached maps, paired in each process), the only code the canonical-maps patch
+changes, and its B − A as a share of the whole U-Net.
 
     python bench/minkowski_ab.py --a DIR_A --b DIR_B [--rounds 6] [--batch-sizes 1 4]
 
@@ -62,7 +65,36 @@ for size in sizes:
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         stages[-1]["cpu_ms_all_threads"] = cpu * 1000
     rows[size] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
-print(json.dumps({"me": ME.__file__, "canonical": canonical, "stage_ms": rows}))
+# The U-Net's kernel maps alone, the only code the canonical-maps patch changes: one frame's
+# U-Net forward on fresh coordinates (every map built) and again on the same coordinate
+# manager (every map cached); the paired difference is the time spent building maps.
+import time, torch
+captured = {}
+unet = encoder.model.unet
+forward = unet.forward
+def capture(x):
+    captured.setdefault("x", x)
+    return forward(x)
+unet.forward = capture
+encoder.encode(batch[:1], options)
+unet.forward = forward
+x = captured["x"]
+fresh, cached = [], []
+with torch.inference_mode():
+    for _ in range(repeats * 3):
+        new = ME.SparseTensor(x.F.clone(), coordinates=x.C.clone(), device="cpu")
+        started = time.perf_counter()
+        unet(new)
+        fresh.append((time.perf_counter() - started) * 1000)
+        again = ME.SparseTensor(new.F, coordinate_map_key=new.coordinate_map_key,
+                                coordinate_manager=new.coordinate_manager)
+        started = time.perf_counter()
+        unet(again)
+        cached.append((time.perf_counter() - started) * 1000)
+maps = {"voxels": len(x.C), "unet_fresh_ms": statistics.median(fresh),
+        "unet_cached_ms": statistics.median(cached),
+        "maps_ms": statistics.median(f - c for f, c in zip(fresh, cached))}
+print(json.dumps({"me": ME.__file__, "canonical": canonical, "stage_ms": rows, "unet_maps": maps}))
 """
 
 
@@ -109,6 +141,13 @@ def main() -> None:
         return per_size
 
     a, b = medians("a"), medians("b")
+    maps = {
+        name: {
+            k: round(statistics.median(r["unet_maps"][k] for r in runs[name]), 2)
+            for k in runs[name][0]["unet_maps"]
+        }
+        for name in runs
+    }
     report = {
         "benchmark": "minkowski_ab",
         "machine": describe("cpu"),
@@ -121,6 +160,13 @@ def main() -> None:
             for name in runs
         },
         "stage_ms": {"a": a, "b": b},
+        "unet_maps": {
+            **maps,
+            "b_minus_a_ms": round(maps["b"]["maps_ms"] - maps["a"]["maps_ms"], 2),
+            "b_minus_a_over_unet": round(
+                (maps["b"]["maps_ms"] - maps["a"]["maps_ms"]) / maps["a"]["unet_fresh_ms"], 4
+            ),
+        },
         "b_over_a": {
             size: {k: round(b[size][k] / a[size][k], 3) for k in a[size] if a[size][k] > 0} for size in a
         },

@@ -181,3 +181,88 @@ def test_canonical_maps_patch_refuses_a_changed_anchor(source_tree):
         [sys.executable, str(CANONICAL_SCRIPT), str(source_tree)], capture_output=True, text=True
     )
     assert result.returncode == 1 and "src/coordinate_map_cpu.hpp" in result.stderr
+
+
+# The helper compiled on its own against stand-ins for MinkowskiEngine's types: the linear
+# placement (unique outputs) and the sort it falls back to (repeated outputs, a range far
+# wider than the map) must give the very order a plain sort by (out, in) gives.
+PLACEMENT_CHECK = r"""
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <utility>
+#include <vector>
+struct default_types { using index_type = uint32_t; };
+using cpu_in_map = std::vector<uint32_t>;
+using cpu_out_map = std::vector<uint32_t>;
+using cpu_in_maps = std::vector<cpu_in_map>;
+using cpu_out_maps = std::vector<cpu_out_map>;
+HELPER
+int main() {
+  std::mt19937 rng(7);
+  int placed_paths[3] = {0, 0, 0};
+  for (int t = 0; t < 3000; ++t) {
+    int const kind = t % 3;  // 0: unique outputs, 1: repeated outputs, 2: unique but sparse
+    uint32_t const span = kind == 2 ? 10000000 : 1 + rng() % 700;
+    size_t const want = rng() % 400;
+    std::vector<uint32_t> outs;
+    std::vector<char> used(kind == 0 ? span : 0, 0);
+    for (size_t i = 0; i < want; ++i) {
+      uint32_t o = rng() % span;
+      if (kind == 0) { if (used[o]) continue; used[o] = 1; }
+      outs.push_back(o);
+    }
+    if (kind == 2) {
+      std::sort(outs.begin(), outs.end());
+      outs.erase(std::unique(outs.begin(), outs.end()), outs.end());
+      std::shuffle(outs.begin(), outs.end(), rng);
+    }
+    cpu_out_map out(outs);
+    cpu_in_map in(out.size());
+    for (auto &x : in) x = rng() % 50000;
+    std::vector<std::pair<uint32_t, uint32_t>> expected;
+    for (size_t i = 0; i < out.size(); ++i) expected.push_back({out[i], in[i]});
+    std::sort(expected.begin(), expected.end());
+    sort_map_pairs(in, out, out.size());
+    for (size_t i = 0; i < out.size(); ++i)
+      if (expected[i].first != out[i] || expected[i].second != in[i]) {
+        std::printf("case %d (kind %d): pair %zu differs\n", t, kind, i);
+        return 1;
+      }
+    placed_paths[kind] += out.size() > 1;
+  }
+  std::printf("%d %d %d\n", placed_paths[0], placed_paths[1], placed_paths[2]);
+  return 0;
+}
+"""
+
+
+def test_canonical_order_helper_places_and_sorts_alike(tmp_path):
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ here (scripts/setup.sh installs build-essential for MinkowskiEngine)")
+    helper = load_canonical_patcher().SORT_HELPER.replace(
+        "using cpu_kernel_map_reference = std::pair<cpu_in_maps &, cpu_out_maps &>;\n", ""
+    )
+    source = tmp_path / "placement.cpp"
+    source.write_text(PLACEMENT_CHECK.replace("HELPER", helper))
+    built = subprocess.run(
+        [
+            compiler,
+            "-std=c++17",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            "-Wno-unknown-pragmas",
+            str(source),
+            "-o",
+            str(tmp_path / "check"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    ran = subprocess.run([str(tmp_path / "check")], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert all(int(count) > 500 for count in ran.stdout.split())  # every kind of map was tried

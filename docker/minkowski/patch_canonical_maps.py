@@ -7,7 +7,8 @@ set by thread timing. The CPU convolution gathers rows in that order and runs on
 offset, and a row's result may round differently with its position in the gemm, so the
 same input gave different bits from run to run (by about 1e-7) on some hosts.
 
-The fix sorts every offset's pairs by (output, input) once the parallel loop is done:
+The fix puts every offset's pairs in (output, input) order once the parallel loop is done
+(in linear time where, as in every kernel offset, no output repeats):
 the set of pairs is unchanged, only its order becomes a function of the coordinates
 alone, whatever the thread count or timing. It covers every map built that way
 (``kernel_map``, ``stride_map``, the field map and the interpolation map with its weights),
@@ -29,8 +30,9 @@ from pathlib import Path
 
 from patch_cuda_sources import PatchError, replace_once
 
-# One sort for every map: the pairs packed as (output << 32 | input) and sorted as
-# integers (keys are unique within a map), carrying the weights where a map has them.
+# One order for every map, (output, input): placed by output in linear time where outputs
+# are unique (every kernel offset), otherwise the pairs packed as (output << 32 | input)
+# and sorted as integers, carrying the weights where a map has them.
 SORT_HELPER = """\
 // bifusion: canonical CPU map order. OpenMP threads fill each kernel offset's pairs in an
 // order set by thread timing; the convolution's gemm rounds a row by its position, so the
@@ -39,14 +41,43 @@ inline uint64_t map_pair_key(cpu_in_map const &in_map, cpu_out_map const &out_ma
   return (uint64_t(out_map[i]) << 32) | uint64_t(in_map[i]);
 }
 
+// Within one kernel offset every output row meets at most one input row, so the pairs
+// are placed by output in linear time; a map whose outputs repeat (the stride and field
+// maps) or span a range far wider than its size is sorted instead. Either way the result
+// is the pairs in (out, in) order.
 inline void sort_map_pairs(cpu_in_map &in_map, cpu_out_map &out_map, size_t const size) {
+  using index_type = default_types::index_type;
+  if (size < 2)
+    return;
+  index_type max_out = 0;
+  for (size_t i = 0; i < size; ++i)
+    max_out = std::max(max_out, out_map[i]);
+  size_t const range = size_t(max_out) + 1;
+  if (range <= 64 * size + 4096) {
+    index_type const none = ~index_type(0); // indices are unsigned
+    std::vector<index_type> in_at(range, none);
+    bool unique = true;
+    for (size_t i = 0; i < size && unique; ++i) {
+      unique = in_at[out_map[i]] == none;
+      in_at[out_map[i]] = in_map[i];
+    }
+    if (unique) {
+      size_t j = 0;
+      for (size_t out = 0; out < range; ++out)
+        if (in_at[out] != none) {
+          out_map[j] = static_cast<index_type>(out);
+          in_map[j++] = in_at[out];
+        }
+      return;
+    }
+  }
   std::vector<uint64_t> keys(size);
   for (size_t i = 0; i < size; ++i)
     keys[i] = map_pair_key(in_map, out_map, i);
   std::sort(keys.begin(), keys.end());
   for (size_t i = 0; i < size; ++i) {
-    out_map[i] = static_cast<default_types::index_type>(keys[i] >> 32);
-    in_map[i] = static_cast<default_types::index_type>(keys[i] & 0xffffffffu);
+    out_map[i] = static_cast<index_type>(keys[i] >> 32);
+    in_map[i] = static_cast<index_type>(keys[i] & 0xffffffffu);
   }
 }
 
