@@ -124,7 +124,7 @@ class EncoderService:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._last_call = time.monotonic()  # when the latest call arrived (drain's quiet wait)
+        self._last_call = time.monotonic()  # when a call last arrived or ended (drain's quiet wait)
         self._heap = IdleTrim(io_executor)  # load's garbage goes back to the system once it ends
 
     # Life cycle -----------------------------------------------------------------------
@@ -138,12 +138,14 @@ class EncoderService:
         await self._idle.wait()
 
     async def wait_quiet(self, seconds: float) -> None:
-        """Until nothing is in flight and no call has arrived for ``seconds``.
+        """Until nothing is in flight and no call has arrived or ended for ``seconds``.
 
         grpc cancels a call that arrives while the server stops, so a drain that stopped as
-        soon as it was idle turned a client's next call (sent the moment its last one ended,
-        as a client behind a proxy does) into CANCELLED. Waiting for quiet first answers
-        such calls UNAVAILABLE (retry elsewhere). The caller bounds the wait.
+        soon as it was idle turned a client's next call (sent the moment its last one ended)
+        into CANCELLED. Waiting for quiet first answers such calls UNAVAILABLE (retry
+        elsewhere). Quiet counts from the last call's end too: a drain that had been quiet
+        since the last arrival stopped the moment the last call in flight ended, before its
+        client's next call could come. The caller bounds the wait.
         """
         while True:
             await self._idle.wait()
@@ -496,6 +498,7 @@ class EncoderService:
         self._metrics.inflight.set(self._inflight)
 
     def _leave(self) -> None:
+        self._last_call = time.monotonic()
         self._inflight -= 1
         self._metrics.inflight.set(self._inflight)
         if self._inflight == 0:

@@ -266,6 +266,42 @@ def test_a_frame_arriving_over_a_slow_link_is_in_flight_from_its_first_byte(enco
         drain.result(60)
 
 
+def test_a_client_that_sends_again_the_moment_its_call_ends_is_refused_not_cancelled(
+    encoder, tum_folder_frames
+):
+    """The drain has been quiet (no new call) for longer than its quiet period when the last
+    call in flight ends; that call's client sends its next one at once. The drain must not
+    stop gRPC the moment it is idle: the next call is answered UNAVAILABLE, not CANCELLED."""
+    from bifusion_server.app import DRAIN_QUIET_SECONDS
+
+    frame = tum_folder_frames[0]
+    request = request_from_folder_frame(frame, max_points=500)
+    spy = ModelSpy(encoder)
+    with running_server(spy, drain_seconds=60) as live, BiFusionClient(live.address) as client:
+
+        def two_calls():
+            first = client.encode_request(request, timeout=60)
+            try:
+                client.encode_request(request, timeout=60)
+            except grpc.RpcError as error:
+                return first, error.code(), error.details()
+            return first, grpc.StatusCode.OK, ""
+
+        spy.gate.clear()
+        with ThreadPoolExecutor(1) as pool:
+            calls = pool.submit(two_calls)
+            assert spy.entered.wait(30)
+            drain = live.start_drain()
+            wait_for_health(live.address, "NOT_SERVING", timeout=10)
+            time.sleep(DRAIN_QUIET_SECONDS + 0.5)
+            spy.gate.set()
+            first, code, details = calls.result(60)
+        assert first.frame_id == frame.frame_id
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "shutting down" in details
+        drain.result(60)
+
+
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     encoder, tum_frames, tum_folder_frames, tmp_path
 ):
