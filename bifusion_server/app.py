@@ -53,7 +53,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_NAMES = ("", SERVICE_NAME)  # overall and per service
 STOP_GRACE_SECONDS = 1.0
-DRAIN_QUIET_SECONDS = 0.5  # a drain stops once no call has arrived for this long
+DRAIN_QUIET_SECONDS = 0.5  # a drain stops once no call has arrived or ended for this long
 RECEIVE_CEILING = 4  # gRPC reads messages up to this many times --max-message-bytes
 AUTO_STREAM_WINDOW = 8
 

@@ -124,7 +124,7 @@ class EncoderService:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._last_call = time.monotonic()  # when a call last arrived or ended (drain's quiet wait)
+        self._last_activity = time.monotonic()  # when a call last arrived or ended (drain's quiet wait)
         self._heap = IdleTrim(io_executor)  # load's garbage goes back to the system once it ends
 
     # Life cycle -----------------------------------------------------------------------
@@ -149,7 +149,7 @@ class EncoderService:
         """
         while True:
             await self._idle.wait()
-            quiet_for = time.monotonic() - self._last_call
+            quiet_for = time.monotonic() - self._last_activity
             if quiet_for >= seconds:
                 return
             await asyncio.sleep(seconds - quiet_for)
@@ -491,14 +491,14 @@ class EncoderService:
             record(Code.INTERNAL)  # a no-op unless something the excepts do not catch ended the call
 
     def _enter(self) -> None:
-        self._last_call = time.monotonic()
+        self._last_activity = time.monotonic()
         self._inflight += 1
         self._idle.clear()
         self._heap.busy()
         self._metrics.inflight.set(self._inflight)
 
     def _leave(self) -> None:
-        self._last_call = time.monotonic()
+        self._last_activity = time.monotonic()
         self._inflight -= 1
         self._metrics.inflight.set(self._inflight)
         if self._inflight == 0:
