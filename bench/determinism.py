@@ -73,7 +73,7 @@ def main() -> None:
         "benchmark": "determinism",
         "machine": describe(str(encoder.device)),
         # Set on some hosts to keep older OpenBLAS builds correct; they change its kernels.
-        "openblas_environment": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
+        "blas_environment": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "MKL_CBWR"))},
         "batch_size": args.batch_size,
         "points_per_frame": first[0].stats.num_points,
         "repeats": repeats,

@@ -8,12 +8,14 @@ JSON: per build and batch size, the median per-stage ms over rounds (and the CPU
 of all threads per batch, which other load hardly moves), and B ÷ A. Also the U-Net's
 kernel-map building alone (``unet_maps``: one frame's U-Net on fresh coordinates minus the
 same on cached maps, paired in each process), the only code the canonical-maps patch
-changes, and its B − A as a share of the whole U-Net.
+changes, and its B − A as a share of the whole U-Net; and the U-Net on cached maps
+(``unet_cached_ms``: its convolutions and the rest, no map building), where the
+deterministic-convolution patch acts, with B ÷ A.
 
     python bench/minkowski_ab.py --a DIR_A --b DIR_B [--rounds 6] [--batch-sizes 1 4]
 
-The encoder refuses a build without canonical kernel maps at start-up; here that check
-only records what it found, so an unpatched build can serve as the baseline.
+The encoder refuses a build without the determinism patches at start-up; here those checks
+only record what they found, so an unpatched build can serve as the baseline.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ CHILD = """
 import json, resource, statistics, sys
 sys.path.insert(0, sys.argv[1])
 import bifusion.encoder as enc
-from bifusion.minkowski import MinkowskiBuildError, ME, check_canonical_maps
-try:
-    check_canonical_maps()
-    canonical = True
-except MinkowskiBuildError:
-    canonical = False
-enc.check_canonical_maps = lambda: None
+from bifusion.minkowski import (MinkowskiBuildError, ME, check_canonical_maps,
+                                check_deterministic_convolution)
+patches = {}
+for name, check in (("canonical_maps", check_canonical_maps),
+                    ("deterministic_convolution", check_deterministic_convolution)):
+    try:
+        check()
+        patches[name] = True
+    except MinkowskiBuildError:
+        patches[name] = False
+enc.check_cpu_determinism = lambda: None
 from bench.encoder import real_frames
 from pathlib import Path
 data, points, repeats = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -94,7 +100,7 @@ with torch.inference_mode():
 maps = {"voxels": len(x.C), "unet_fresh_ms": statistics.median(fresh),
         "unet_cached_ms": statistics.median(cached),
         "maps_ms": statistics.median(f - c for f, c in zip(fresh, cached))}
-print(json.dumps({"me": ME.__file__, "canonical": canonical, "stage_ms": rows, "unet_maps": maps}))
+print(json.dumps({"me": ME.__file__, "patches": patches, "stage_ms": rows, "unet_maps": maps}))
 """
 
 
@@ -155,10 +161,7 @@ def main() -> None:
         "rounds": args.rounds,
         "repeats_per_round": args.repeats,
         "data": str(args.data),
-        "builds": {
-            name: {"folder": str(getattr(args, name)), "canonical_maps": runs[name][0]["canonical"]}
-            for name in runs
-        },
+        "builds": {name: {"folder": str(getattr(args, name)), **runs[name][0]["patches"]} for name in runs},
         "stage_ms": {"a": a, "b": b},
         "unet_maps": {
             **maps,
@@ -166,6 +169,7 @@ def main() -> None:
             "b_minus_a_over_unet": round(
                 (maps["b"]["maps_ms"] - maps["a"]["maps_ms"]) / maps["a"]["unet_fresh_ms"], 4
             ),
+            "cached_b_over_a": round(maps["b"]["unet_cached_ms"] / maps["a"]["unet_cached_ms"], 3),
         },
         "b_over_a": {
             size: {k: round(b[size][k] / a[size][k], 3) for k in a[size] if a[size][k] > 0} for size in a

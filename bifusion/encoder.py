@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, load_into
 from .config import ModelConfig
 from .demo import default_checkpoint_path
 from .devices import full_precision_float32, resolve_device
-from .minkowski import check_canonical_maps
+from .minkowski import check_cpu_determinism
 from .model import BiFusionModel
 from .staging import HostStaging
 from .threads import configure_threads, hold_on_this_thread
@@ -78,8 +78,8 @@ class BiFusionEncoder:
         self.thread_settings = configure_threads(threads)
         self.device = resolve_device(device)
         if self.device.type == "cpu":
-            # Same input, same bits on a CPU rests on MinkowskiEngine's patched kernel maps.
-            check_canonical_maps()
+            # Same input, same bits on a CPU rests on MinkowskiEngine's patched maps and convolution.
+            check_cpu_determinism()
         full_precision_float32()
         self.staging = HostStaging(self.device)
         path = Path(checkpoint) if checkpoint else default_checkpoint_path()

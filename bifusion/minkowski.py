@@ -7,6 +7,7 @@ here.
 
 import collections
 import collections.abc
+import sys
 import warnings
 
 if not hasattr(collections, "Sequence"):
@@ -22,7 +23,13 @@ warnings.filterwarnings("ignore", message=r"torch.sparse.SparseTensor\(indices, 
 
 import MinkowskiEngine as ME  # noqa: E402
 
-__all__ = ["ME", "MinkowskiBuildError", "check_canonical_maps"]
+__all__ = [
+    "ME",
+    "MinkowskiBuildError",
+    "check_canonical_maps",
+    "check_cpu_determinism",
+    "check_deterministic_convolution",
+]
 
 
 class MinkowskiBuildError(RuntimeError):
@@ -54,3 +61,26 @@ def check_canonical_maps() -> None:
             "could give different bits from run to run; rerun scripts/setup.sh, which "
             "rebuilds it with the patch"
         )
+
+
+def check_deterministic_convolution() -> None:
+    """Fail unless the CPU convolution gives the same bits at any thread count.
+
+    That rests on docker/minkowski/patch_deterministic_convolution.py: without it each
+    kernel offset's gemm is split among OpenBLAS's threads by their number, and a feature
+    can round differently with it. The patched extension module says so itself.
+    """
+    backend = sys.modules["MinkowskiEngineBackend._C"]
+    if not getattr(backend, "deterministic_cpu_convolution", False):
+        raise MinkowskiBuildError(
+            f"MinkowskiEngine at {ME.__file__} splits its CPU convolutions' gemms by "
+            "OpenBLAS's thread count (it lacks docker/minkowski/patch_deterministic_convolution.py), "
+            "so the same frame could give different bits at another thread count; rerun "
+            "scripts/setup.sh, which rebuilds it with the patch"
+        )
+
+
+def check_cpu_determinism() -> None:
+    """Both patches a CPU encoder's same-input-same-bits guarantee rests on."""
+    check_canonical_maps()
+    check_deterministic_convolution()

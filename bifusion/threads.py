@@ -1,8 +1,10 @@
 """The encoder's CPU thread pools, sized in one place for the cores this process may use.
 
 Three pools share the CPU while the encoder runs: torch's OpenMP team (intra-op
-parallelism, one team per calling thread), MKL inside torch, and the threaded OpenBLAS
-that MinkowskiEngine links for its sparse convolutions. Left alone, each sizes itself for
+parallelism, one team per calling thread), MKL inside torch, and the OpenBLAS that
+MinkowskiEngine links for its sparse convolutions (the project's build holds it at one
+thread and parallelises over kernel offsets with OpenMP instead, so that a thread count
+cannot change the bits). Left alone, each sizes itself for
 every core of the machine (not the container's CPU limit), and OpenMP's idle threads spin
 while OpenBLAS works and the other way round, so the U-Net ran at half speed or worse
 depending on which thread happened to build or run the encoder.
@@ -33,6 +35,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # PASSIVE: idle OpenMP threads sleep at once instead of spinning for a while, so they do
 # not take cores from OpenBLAS's threads (or another process's) between parallel regions.
 OPENMP_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+# Read by torch's MKL at its first call; a value already in the environment wins. Strict
+# conditional numerical reproducibility: MKL's gemm (the CLIP branch's linear layers) gives
+# the same bits at any thread count, as MinkowskiEngine's patched convolution does (no cost
+# measured on a 2-core AMD EPYC: docs/benchmarks.md).
+MKL_ENV_DEFAULTS = {"MKL_CBWR": "AUTO,STRICT"}
 
 # OMP_WAIT_POLICY as the OpenMP runtime read it when it started ("" for unset); None until
 # prepare_environment() ran.
@@ -119,14 +127,14 @@ def requested_threads() -> int | None:
 
 
 def prepare_environment() -> None:
-    """Environment the OpenMP and OpenBLAS runtimes read once, at load: call before torch and
+    """Environment the OpenMP, MKL and OpenBLAS runtimes read once, at load: call before torch and
     MinkowskiEngine are imported (``import bifusion`` does)."""
     global _policy_at_start
     if _policy_at_start is not None:
         return
     torch_loaded = "torch" in sys.modules  # then its OpenMP runtime has read the environment
     before = os.environ.get("OMP_WAIT_POLICY", "")
-    for name, value in OPENMP_ENV_DEFAULTS.items():
+    for name, value in {**OPENMP_ENV_DEFAULTS, **MKL_ENV_DEFAULTS}.items():
         os.environ.setdefault(name, value)
     # Pool sizes at load: $BIFUSION_THREADS wins over values inherited from a parent process
     # (a server starting one process per model instance); else keep what the user set.
@@ -150,9 +158,31 @@ def _openblas_function(library: ctypes.CDLL, name: str):
     return None
 
 
+# MinkowskiEngine's compiled extension; it says when its CPU convolution holds its OpenBLAS
+# at one thread (docker/minkowski/patch_deterministic_convolution.py).
+MINKOWSKI_BACKEND = "MinkowskiEngineBackend._C"
+
+
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _openblas_held_by_minkowski() -> int | None:
+    """The address of ``openblas_get_num_threads`` in the OpenBLAS MinkowskiEngine links,
+    when its build runs every gemm on one thread (the same bits at any thread count); None
+    when it does not, or is not loaded."""
+    backend = sys.modules.get(MINKOWSKI_BACKEND)
+    if backend is None or not getattr(backend, "deterministic_cpu_convolution", False):
+        return None
+    # dlsym on the extension's own handle searches it and its dependencies: its OpenBLAS.
+    getter = getattr(ctypes.CDLL(backend.__file__), "openblas_get_num_threads", None)
+    return _address(getter) if getter is not None else None
+
+
 def set_openblas_threads(threads: int) -> dict[str, int]:
     """Size every OpenBLAS loaded in the process (MinkowskiEngine's, numpy's); returns each
-    library's thread count after.
+    library's thread count after. MinkowskiEngine's stays at one thread where its build
+    holds it there (its convolution parallelises over kernel offsets instead).
 
     Through ``openblas_set_num_threads`` itself: its pool is process-wide and the call works
     from any thread. (threadpoolctl >= 3.6 finds the libraries, but its limits there take
@@ -161,16 +191,18 @@ def set_openblas_threads(threads: int) -> dict[str, int]:
     """
     from threadpoolctl import threadpool_info
 
+    held = _openblas_held_by_minkowski()
     counts = {}
     for info in threadpool_info():
         if info["internal_api"] != "openblas":
             continue
         library = ctypes.CDLL(info["filepath"])  # already loaded: the same handle
+        getter = _openblas_function(library, "openblas_get_num_threads")
+        single = held is not None and getter is not None and _address(getter) == held
         if info.get("threading_layer") != "openmp":
             setter = _openblas_function(library, "openblas_set_num_threads")
             if setter is not None:
-                setter(threads)
-        getter = _openblas_function(library, "openblas_get_num_threads")
+                setter(1 if single else threads)
         counts[info["filepath"]] = getter() if getter is not None else info["num_threads"]
     return counts
 

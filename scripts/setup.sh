@@ -163,7 +163,8 @@ install_torch() {
 }
 
 # 0 when MinkowskiEngine $ME_VERSION imports, its CUDA support is what $1 (cpu/cuda) needs,
-# and its CPU kernel maps are canonical (built with patch_canonical_maps.py): the check the
+# and its CPU maps and convolution give the same bits whatever the threads do (built with
+# patch_canonical_maps.py and patch_deterministic_convolution.py): the check the
 # encoder runs at start-up, loaded from its file since the project may not be installed yet.
 minkowski_ok() {
   python - "$1" "$ROOT/bifusion/minkowski.py" <<'PY' 2>/dev/null
@@ -174,7 +175,7 @@ spec.loader.exec_module(module)
 ME = module.ME
 if ME.__version__ != "0.5.4" or bool(ME.is_cuda_available()) != (sys.argv[1] == "cuda"):
     sys.exit(1)
-module.check_canonical_maps()
+module.check_cpu_determinism()
 PY
 }
 
@@ -213,11 +214,12 @@ install_minkowski_engine() {
   fi
   log "installing cached MinkowskiEngine wheel from $dir"
   pip install -q --no-deps --force-reinstall "$dir"/MinkowskiEngine-*.whl
-  minkowski_ok "$device" || die "MinkowskiEngine from $dir does not import with $device support and canonical CPU kernel maps (remove that folder to rebuild)"
+  minkowski_ok "$device" || die "MinkowskiEngine from $dir does not import with $device support and the deterministic CPU patches (remove that folder to rebuild)"
 }
 
-# The pinned sdist, patched for CUDA 12/13 (a no-op for the CPU build) and for canonical CPU
-# kernel maps (same input, same bits whatever the threads do), built with setup.py:
+# The pinned sdist, patched for CUDA 12/13 (a no-op for the CPU build), for canonical CPU
+# kernel maps and for a CPU convolution whose gemms run on one thread each (same input, same
+# bits whatever the threads do), built with setup.py:
 # `pip wheel --config-settings` drops --force_cuda silently for this legacy sdist.
 build_minkowski_wheel() {
   local out="$1" flag="$2" arch="$3" src
@@ -239,6 +241,7 @@ PY
   sed -i 's/^run_command("pip", "uninstall".*$/pass  # keep the installed build until the new one exists/' "$tree/setup.py"
   python "$ROOT/docker/minkowski/patch_cuda_sources.py" "$tree" >/dev/null
   python "$ROOT/docker/minkowski/patch_canonical_maps.py" "$tree" >/dev/null
+  python "$ROOT/docker/minkowski/patch_deterministic_convolution.py" "$tree" >/dev/null
   # Its setup.py breaks on setuptools >= 70; torch wants a newer one at run time, so the old
   # one is there for the build only. --blas=openblas keeps numpy.distutils out (Python 3.12+).
   pip install -q numpy ninja wheel "setuptools<70"

@@ -183,7 +183,8 @@ def test_minkowski_engine_build_steps():
     assert re.fullmatch(r"[0-9a-f]{64}", args["MINKOWSKI_SDIST_SHA256"]), "the sdist must be pinned by hash"
     assert 'echo "${MINKOWSKI_SDIST_SHA256}  MinkowskiEngine-0.5.4.tar.gz" | sha256sum -c -' in text
     assert text.index("sha256sum -c") < text.index("tar xzf MinkowskiEngine-0.5.4.tar.gz")
-    assert "patch_cuda_sources.py" in text and "patch_canonical_maps.py" in text
+    for patch in ("patch_cuda_sources.py", "patch_canonical_maps.py", "patch_deterministic_convolution.py"):
+        assert f"python /tmp/{patch} /tmp/MinkowskiEngine-0.5.4" in text, patch
     assert re.search(r"setuptools==6\d\.", text), "MinkowskiEngine's setup.py needs setuptools < 70"
     assert "--blas=openblas" in text and "${ME_BUILD_FLAG}" in text
     env = " ".join(c.original for c in stage("build-base-cuda").commands if c.cmd == "ENV")

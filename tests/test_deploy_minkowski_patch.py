@@ -131,15 +131,19 @@ def test_refuses_a_changed_anchor(source_tree):
 CANONICAL_SCRIPT = DOCKER / "minkowski" / "patch_canonical_maps.py"
 
 
-def load_canonical_patcher():
-    sys.path.insert(0, str(CANONICAL_SCRIPT.parent))  # it imports its helpers from the CUDA patch
+def load_patch_script(script: Path):
+    sys.path.insert(0, str(script.parent))  # it imports its helpers from the CUDA patch
     try:
-        spec = importlib.util.spec_from_file_location("patch_canonical_maps", CANONICAL_SCRIPT)
+        spec = importlib.util.spec_from_file_location(script.stem, script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(str(CANONICAL_SCRIPT.parent))
+        sys.path.remove(str(script.parent))
+
+
+def load_canonical_patcher():
+    return load_patch_script(CANONICAL_SCRIPT)
 
 
 def test_canonical_maps_patch_sorts_every_parallel_built_map(source_tree):
@@ -181,6 +185,58 @@ def test_canonical_maps_patch_refuses_a_changed_anchor(source_tree):
         [sys.executable, str(CANONICAL_SCRIPT), str(source_tree)], capture_output=True, text=True
     )
     assert result.returncode == 1 and "src/coordinate_map_cpu.hpp" in result.stderr
+
+
+# docker/minkowski/patch_deterministic_convolution.py: every gemm of the CPU convolution on
+# one thread, kernel offsets in parallel, sums in offset order.
+CONVOLUTION_SCRIPT = DOCKER / "minkowski" / "patch_deterministic_convolution.py"
+
+
+def test_convolution_patch_replaces_the_forward_kernel_and_marks_both_modules(source_tree):
+    convolution = load_patch_script(CONVOLUTION_SCRIPT)
+    kernel = source_tree / "src" / "convolution_kernel.hpp"
+    before = kernel.read_text()
+    assert convolution.patch_tree(source_tree) == [
+        "pybind/minkowski.cpp",
+        "pybind/minkowski.cu",
+        "setup.py",
+        "src/convolution_kernel.hpp",
+    ]
+    # nvcc compiles the CPU sources of the CUDA build: with OpenMP, as g++ does for the CPU one.
+    assert 'NVCC_FLAGS += ["-Xcompiler", "-fopenmp"]' in (source_tree / "setup.py").read_text()
+    after = kernel.read_text()
+    forward = after[
+        after.index("void ConvolutionForwardKernelCPU") : after.index("void ConvolutionBackwardKernelCPU")
+    ]
+    assert "hold_blas_to_one_thread();" in forward and "#pragma omp parallel for" in forward
+    assert "openblas_set_num_threads(1);" in after
+    # The backward kernel is as it was.
+    backward = before[before.index("void ConvolutionBackwardKernelCPU") :]
+    assert after.endswith(backward)
+    for module in ("minkowski.cpp", "minkowski.cu"):
+        text = (source_tree / "pybind" / module).read_text()
+        assert text.count('m.attr("deterministic_cpu_convolution") = true;') == 1, module
+    # With the other two patches, in any order; a second run changes nothing.
+    assert load_canonical_patcher().patch_tree(source_tree) != []
+    assert patcher.patch_tree(source_tree) != []
+    assert convolution.patch_tree(source_tree) == []
+
+
+def test_convolution_patch_command_line_is_idempotent_and_refuses_a_changed_kernel(source_tree):
+    run = [sys.executable, str(CONVOLUTION_SCRIPT), str(source_tree)]
+    kernel = source_tree / "src" / "convolution_kernel.hpp"
+    original = kernel.read_text()
+    kernel.write_text(
+        original.replace("cpu_add<Dtype>(out_nchannel, src, dst, dst);", "dst[0] += src[0];", 1)
+    )
+    refused = subprocess.run(run, capture_output=True, text=True)
+    assert refused.returncode == 1 and "src/convolution_kernel.hpp" in refused.stderr
+    assert "bifusion" not in (source_tree / "pybind" / "minkowski.cpp").read_text()  # nothing written
+    kernel.write_text(original)
+    first = subprocess.run(run, capture_output=True, text=True)
+    assert first.returncode == 0 and "patched 4 files" in first.stdout, first.stderr
+    second = subprocess.run(run, capture_output=True, text=True)
+    assert second.returncode == 0 and "already patched" in second.stdout
 
 
 # The helper compiled on its own against stand-ins for MinkowskiEngine's types: the linear

@@ -309,21 +309,29 @@ CUDA_TEST_ARCH = "9.0"
 CUDA_IMAGE_CHECK = """
 import glob, os
 from bifusion import BiFusionEncoder, EncodeOptions, Frame, Intrinsics  # first: it sets up threads
-from bifusion.minkowski import ME, check_canonical_maps
+from bifusion.minkowski import ME, check_cpu_determinism
 import numpy as np
 import torch
 site = os.path.dirname(os.path.dirname(torch.__file__))
 so = glob.glob(os.path.join(site, "MinkowskiEngineBackend", "_C*.so"))[0]
 kernels = open(so, "rb").read().count(bytes.fromhex("50ed55ba"))  # fatbin headers
 nvcc = os.path.join(site, "nvidia", "cu13", "bin", "nvcc")
-check_canonical_maps()  # its CPU code carries the canonical-maps patch too
-# Without a GPU the same image serves on the CPU: one frame end to end.
+check_cpu_determinism()  # its CPU code carries the determinism patches too
+# nvcc compiled its CPU convolution with OpenMP (the kernel's parallel region is there).
+import re
+parallel = bool(re.search(rb"ConvolutionForwardKernelCPU[^\x00]*_omp_fn", open(so, "rb").read()))
+# Without a GPU the same image serves on the CPU: one frame end to end, the same bits at
+# one thread and at two.
 rng = np.random.default_rng(0)
 frame = Frame(color=rng.integers(0, 256, (120, 160, 3), dtype=np.uint8),
-              depth=np.full((120, 160), 1.5, np.float32), intrinsics=Intrinsics(140.0, 140.0, 80.0, 60.0))
-points = BiFusionEncoder(device="cpu").encode([frame], EncodeOptions(max_points=500))[0].features.shape[0]
+              depth=rng.uniform(0.5, 3.0, (120, 160)).astype(np.float32),
+              intrinsics=Intrinsics(140.0, 140.0, 80.0, 60.0))
+results = [BiFusionEncoder(device="cpu", threads=n).encode([frame], EncodeOptions(max_points=500))[0]
+           for n in (1, 2)]
+points = results[0].features.shape[0]
+same = all(np.array_equal(results[0].features, r.features) for r in results)
 print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), ME.is_cuda_available(),
-      kernels, os.path.exists(nvcc), points)
+      kernels, os.path.exists(nvcc), points, parallel, same)
 """
 
 
@@ -352,8 +360,10 @@ def test_cuda_image_builds_on_debian_with_kernels_and_torchs_cuda_libraries(
         "run", "--rm", "--entrypoint", "python", CUDA_IMAGE, "-P", "-c", CUDA_IMAGE_CHECK, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    torch_version, cuda, cudnn, me_cuda, kernels, has_nvcc, points = check.stdout.split()[-7:]
+    torch_version, cuda, cudnn, me_cuda, kernels, has_nvcc, points, parallel, same = check.stdout.split()[-9:]
     assert torch_version.split("+")[0] == "2.14.1"  # the CUDA index names it 2.14.1+cu130
     assert cuda.startswith("13.0") and int(cudnn) > 0
     assert me_cuda == "True" and int(kernels) > 0 and has_nvcc == "False"
     assert int(points) == 500
+    assert parallel == "True", "nvcc compiled MinkowskiEngine's CPU convolution without OpenMP"
+    assert same == "True", "the CPU encode differs between 1 and 2 threads"

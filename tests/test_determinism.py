@@ -1,13 +1,20 @@
 """Same input, same bits on a CPU, by construction: MinkowskiEngine's CPU kernel maps come
-out in canonical order (docker/minkowski/patch_canonical_maps.py), whatever the threads do.
+out in canonical order (docker/minkowski/patch_canonical_maps.py), and its convolution runs
+every gemm on one thread with the kernel offsets in parallel
+(docker/minkowski/patch_deterministic_convolution.py), whatever the threads do.
 
 The order checks are exact and fail on the unpatched library on any host and at any thread
 count (its order follows its hash table). The repeat checks run with the cores kept busy,
-where the unpatched library's order also changed from run to run.
+where the unpatched library's order also changed from run to run. The thread-count checks
+compare bits across counts; the check that the convolution holds OpenBLAS at one thread
+fails on the unpatched library on any host, also where its split happens not to round
+differently.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -15,8 +22,15 @@ import numpy as np
 import pytest
 import torch
 
-from bifusion import EncodeOptions
-from bifusion.minkowski import ME, MinkowskiBuildError, check_canonical_maps
+from bifusion import EncodeOptions, configure_threads
+from bifusion.minkowski import (
+    ME,
+    MinkowskiBuildError,
+    check_canonical_maps,
+    check_cpu_determinism,
+    check_deterministic_convolution,
+)
+from bifusion.threads import MINKOWSKI_BACKEND, hold_on_this_thread
 
 
 def real_voxels(frame, voxel_size=0.02) -> torch.Tensor:
@@ -67,8 +81,9 @@ def frame_tensor(tum_frames):
     return ME.SparseTensor(torch.ones(len(coordinates), 1), coordinates=coordinates, device="cpu")
 
 
-def test_the_running_build_passes_the_start_up_check():
+def test_the_running_build_passes_the_start_up_checks():
     check_canonical_maps()
+    check_deterministic_convolution()
 
 
 def test_convolution_maps_are_canonical_at_every_stride(frame_tensor):
@@ -140,4 +155,117 @@ def test_start_up_refuses_a_build_without_the_patch(monkeypatch):
     from bifusion import BiFusionEncoder
 
     with pytest.raises(MinkowskiBuildError):
+        BiFusionEncoder(device="cpu")
+
+
+def minkowski_openblas() -> ctypes.CDLL:
+    """The OpenBLAS MinkowskiEngine's extension links (dlsym on its handle searches there)."""
+    return ctypes.CDLL(sys.modules[MINKOWSKI_BACKEND].__file__)
+
+
+@contextmanager
+def thread_count(n: int):
+    """Every pool at ``n`` threads, MinkowskiEngine's OpenBLAS included, as the unpatched
+    library would use it; the process's own settings afterwards."""
+    before = configure_threads()
+    try:
+        hold_on_this_thread(configure_threads(n))
+        minkowski_openblas().openblas_set_num_threads(n)
+        yield
+    finally:
+        hold_on_this_thread(configure_threads(before.threads))
+
+
+def reference_convolution(x, y, conv, transposed=False) -> torch.Tensor:
+    """``conv(x) == y`` by its definition, in float64: y[o] = sum of x[i] @ W[k] over every
+    pair (i, o) of every kernel offset k, from the library's own kernel map."""
+    generator = conv.kernel_generator
+    pairs = x.coordinate_manager.kernel_map(
+        x.coordinate_map_key,
+        y.coordinate_map_key,
+        kernel_size=generator.kernel_size[0],
+        stride=generator.kernel_stride[0],
+        is_transpose=transposed,
+    )
+    weight = conv.kernel.detach().double()
+    out = torch.zeros(len(y), weight.shape[-1], dtype=torch.float64)
+    for k, p in pairs.items():
+        out.index_add_(0, p[1].long(), x.F.double()[p[0].long()] @ weight[k])
+    return out
+
+
+def test_the_sparse_convolution_and_its_transpose_compute_their_definition(frame_tensor):
+    torch.manual_seed(2)
+    x = ME.SparseTensor(torch.randn(len(frame_tensor), 16), coordinates=frame_tensor.C, device="cpu")
+    same = ME.MinkowskiConvolution(16, 32, kernel_size=3, dimension=3)
+    down = ME.MinkowskiConvolution(16, 32, kernel_size=2, stride=2, dimension=3)
+    up = ME.MinkowskiConvolutionTranspose(32, 8, kernel_size=2, stride=2, dimension=3)
+    with torch.inference_mode():
+        y, z = same(x), down(x)
+        w = up(z)
+        for source, result, conv, transposed in ((x, y, same, False), (x, z, down, False), (z, w, up, True)):
+            expected = reference_convolution(source, result, conv, transposed)
+            assert result.F.shape == expected.shape
+            torch.testing.assert_close(result.F.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_convolution_runs_every_gemm_on_one_openblas_thread(frame_tensor):
+    """What makes its bits independent of the thread count: whatever OpenBLAS was set to, a
+    convolution leaves it at one thread (the unpatched library uses and keeps the count)."""
+    openblas = minkowski_openblas()
+    conv = ME.MinkowskiConvolution(1, 8, kernel_size=3, dimension=3)
+    try:
+        openblas.openblas_set_num_threads(4)
+        assert openblas.openblas_get_num_threads() == 4
+        with torch.inference_mode():
+            conv(frame_tensor)
+        assert openblas.openblas_get_num_threads() == 1
+    finally:
+        configure_threads()
+
+
+def test_a_sparse_convolution_gives_the_same_bits_at_every_thread_count(frame_tensor):
+    torch.manual_seed(0)
+    convs = [ME.MinkowskiConvolution(1, 64, kernel_size=3, dimension=3)]
+    convs += [ME.MinkowskiConvolution(64, 64, kernel_size=3, dimension=3) for _ in range(2)]
+    up = ME.MinkowskiConvolutionTranspose(64, 32, kernel_size=2, stride=2, dimension=3)
+    down = ME.MinkowskiConvolution(64, 64, kernel_size=2, stride=2, dimension=3)
+    features = torch.randn(len(frame_tensor), 1, generator=torch.Generator().manual_seed(1))
+
+    def run() -> torch.Tensor:
+        y = ME.SparseTensor(features, coordinates=frame_tensor.C, device="cpu")
+        with torch.inference_mode():
+            for conv in convs:
+                y = conv(y)
+            return up(down(y)).F
+
+    results = {}
+    for n in (1, 2, 3, 4):
+        with thread_count(n):
+            results[n] = run()
+    for n, result in results.items():
+        assert torch.equal(result, results[1]), f"{n} threads: max {float((result - results[1]).abs().max())}"
+
+
+def test_the_same_frame_encodes_bit_for_bit_at_every_thread_count(encoder, tum_frames):
+    options = EncodeOptions(max_points=4000)
+    results = {}
+    for n in (1, 2, 3):
+        with thread_count(n):
+            results[n] = encoder.encode(tum_frames[3:4], options)[0]
+    for n, result in results.items():
+        np.testing.assert_array_equal(result.features, results[1].features, err_msg=f"{n} threads")
+        np.testing.assert_array_equal(result.alpha, results[1].alpha, err_msg=f"{n} threads")
+        np.testing.assert_array_equal(result.valid, results[1].valid, err_msg=f"{n} threads")
+
+
+def test_start_up_refuses_a_build_whose_convolution_splits_gemms(monkeypatch):
+    monkeypatch.setattr(sys.modules[MINKOWSKI_BACKEND], "deterministic_cpu_convolution", False)
+    with pytest.raises(
+        MinkowskiBuildError, match=r"patch_deterministic_convolution\.py.*rerun scripts/setup\.sh"
+    ):
+        check_cpu_determinism()
+    from bifusion import BiFusionEncoder
+
+    with pytest.raises(MinkowskiBuildError, match="thread count"):
         BiFusionEncoder(device="cpu")

@@ -3,6 +3,7 @@ wait policy as the runtime really read it, and settings that hold on every threa
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from bifusion import threads
 
 ROOT = Path(__file__).resolve().parents[1]
-INHERITED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BIFUSION_THREADS")
+INHERITED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BIFUSION_THREADS", "MKL_CBWR")
 
 
 def write(path: Path, text: str) -> None:
@@ -90,6 +91,17 @@ def test_bifusion_threads_and_argument(monkeypatch):
         threads.configure_threads(0)
 
 
+def minkowski_openblas_path(paths) -> str:
+    """Which of these loaded BLAS libraries MinkowskiEngine's extension links: the one whose
+    ``openblas_get_num_threads`` is the function dlsym finds through the extension."""
+    backend = ctypes.CDLL(sys.modules[threads.MINKOWSKI_BACKEND].__file__)
+    wanted = ctypes.cast(backend.openblas_get_num_threads, ctypes.c_void_p).value
+    getters = {p: threads._openblas_function(ctypes.CDLL(p), "openblas_get_num_threads") for p in paths}
+    found = [p for p, f in getters.items() if f is not None and threads._address(f) == wanted]
+    assert len(found) == 1, paths
+    return found[0]
+
+
 def test_settings_made_on_one_thread_hold_on_every_thread():
     """The encoder may be built on one thread and run on another: what configure_threads
     sets must be process-wide (torch intra-op count, every OpenBLAS pool)."""
@@ -104,9 +116,12 @@ def test_settings_made_on_one_thread_hold_on_every_thread():
         worker = threading.Thread(target=lambda: made.append(threads.configure_threads()))
         worker.start()
         worker.join()
-        blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
-        assert any("openblas" in i["filepath"] for i in blas)  # MinkowskiEngine's
-        assert all(i["num_threads"] == budget for i in blas)
+        blas = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        minkowski = minkowski_openblas_path(blas)
+        # MinkowskiEngine's OpenBLAS runs each gemm on one thread (its convolution
+        # parallelises over kernel offsets); any other BLAS gets the budget.
+        assert blas.pop(minkowski) == 1 == made[0].blas_threads[minkowski]
+        assert all(count == budget for count in blas.values()), blas
         seen = []
         later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
         later.start()
@@ -147,6 +162,19 @@ def test_bifusion_threads_sizes_every_pool_and_the_runtime_reads_passive():
     assert "OMP_NUM_THREADS = '1'" in done.stderr
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in done.stderr
     assert "GOMP_SPINCOUNT = '0'" in done.stderr  # idle threads sleep at once
+
+
+def test_mkl_runs_in_strict_reproducible_mode_unless_told_otherwise():
+    """torch's MKL (the CLIP branch's gemms) in strict CNR mode gives the same bits at any
+    thread count; MKL's own report (MKL_VERBOSE) shows the mode it read."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    gemm = "import bifusion, torch; torch.ones(64, 64) @ torch.ones(64, 64)"
+    done = run_python(gemm, MKL_VERBOSE="1")
+    assert done.returncode == 0, done.stderr
+    assert "CNR:AUTO,STRICT" in done.stdout, done.stdout[-2000:]
+    done = run_python(gemm, MKL_VERBOSE="1", MKL_CBWR="COMPATIBLE")  # the user's value wins
+    assert "CNR:COMPATIBLE" in done.stdout and "STRICT" not in done.stdout, done.stdout[-2000:]
 
 
 def test_torch_imported_first_is_reported_not_hidden():

@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from patch_cuda_sources import PatchError, replace_once
+from patch_cuda_sources import PatchError, apply_replacements
 
 # One order for every map, (output, input): placed by output in linear time where outputs
 # are unique (every kernel offset), otherwise the pairs packed as (output << 32 | input)
@@ -111,13 +111,13 @@ using cpu_kernel_map_reference = std::pair<cpu_in_maps &, cpu_out_maps &>;
 # so replace_once sees an already patched file as done.
 REPLACEMENTS: list[tuple[str, str, str]] = [
     (
-        "kernel_map.hpp",
+        "src/kernel_map.hpp",
         "using cpu_kernel_map_reference = std::pair<cpu_in_maps &, cpu_out_maps &>;\n",
         SORT_HELPER,
     ),
     (
         # origin_map's decomposition: ties (one batch's rows) ordered by input too.
-        "kernel_map.hpp",
+        "src/kernel_map.hpp",
         "      return l.second < r.second;\n    };\n    std::sort(in_out.begin(), in_out.end(), comp);\n",
         "      return l.second < r.second;\n    };\n"
         "    std::sort(in_out.begin(), in_out.end()); // bifusion: by (in, out), then stable\n"
@@ -125,14 +125,14 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
     ),
     (
         # field_map_kernel: one map, filled by racing threads.
-        "coordinate_map_cpu.hpp",
+        "src/coordinate_map_cpu.hpp",
         "  auto final_in_map = torch::empty(\n      {num_used},\n",
         "  sort_map_pairs(in_maps[0], out_maps[0], num_used); // bifusion: canonical order\n"
         "  auto final_in_map = torch::empty(\n      {num_used},\n",
     ),
     (
         # interpolation_map_weight_kernel: one map per neighbour, with weights.
-        "coordinate_map_cpu.hpp",
+        "src/coordinate_map_cpu.hpp",
         "  auto const total_num_used =\n",
         "  for (uint32_t i = 0; i < neighbor_volume; ++i) // bifusion: canonical order\n"
         "    sort_map_pairs(in_maps[i], out_maps[i], num_used[i], weights[i]);\n"
@@ -141,7 +141,7 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
     ),
     (
         # kernel_map: one map per kernel offset.
-        "coordinate_map_cpu.hpp",
+        "src/coordinate_map_cpu.hpp",
         "      in_maps[i].resize(max_num);\n      out_maps[i].resize(max_num);\n    }\n\n"
         "    return std::make_pair(in_maps, out_maps);\n",
         "      in_maps[i].resize(max_num);\n      out_maps[i].resize(max_num);\n    }\n"
@@ -150,7 +150,7 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
     ),
     (
         # stride_map: one map, every input row once.
-        "coordinate_map_cpu.hpp",
+        "src/coordinate_map_cpu.hpp",
         "    return std::make_pair(move(in_maps), move(out_maps));\n",
         "    sort_kernel_map(in_maps, out_maps); // bifusion: canonical order\n"
         "    return std::make_pair(move(in_maps), move(out_maps));\n",
@@ -159,28 +159,8 @@ REPLACEMENTS: list[tuple[str, str, str]] = [
 
 
 def patch_tree(root: Path) -> list[str]:
-    """Patch ``root/src`` in place; returns the files that changed."""
-    src = root / "src"
-    if not src.is_dir():
-        raise PatchError(f"{root} has no src/ folder: not a MinkowskiEngine source tree")
-    new_text: dict[str, str] = {}
-    for name, old, new in REPLACEMENTS:
-        path = src / name
-        if name not in new_text:
-            if not path.is_file():
-                raise PatchError(f"missing source file src/{name}")
-            new_text[name] = path.read_text()
-        try:
-            new_text[name] = replace_once(new_text[name], old, new)
-        except PatchError as err:
-            raise PatchError(f"src/{name}: {err}") from None
-    changed = []
-    for name, text in new_text.items():
-        path = src / name
-        if path.read_text() != text:
-            path.write_text(text)
-            changed.append(name)
-    return sorted(changed)
+    """Patch ``root/src`` in place; returns the files that changed (names under src/)."""
+    return [name.removeprefix("src/") for name in apply_replacements(root, REPLACEMENTS)]
 
 
 def main(argv: list[str] | None = None) -> int:

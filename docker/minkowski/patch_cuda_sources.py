@@ -145,6 +145,32 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
+def apply_replacements(root: Path, replacements: list[tuple[str, str, str]]) -> list[str]:
+    """Apply (file under ``root``, old, new) replacements with :func:`replace_once`, in order;
+    writes only files that changed and returns them. Nothing is written if an anchor is
+    missing."""
+    if not (root / "src").is_dir():
+        raise PatchError(f"{root} has no src/ folder: not a MinkowskiEngine source tree")
+    new_text: dict[str, str] = {}
+    for name, old, new in replacements:
+        path = root / name
+        if name not in new_text:
+            if not path.is_file():
+                raise PatchError(f"missing source file {name}")
+            new_text[name] = path.read_text()
+        try:
+            new_text[name] = replace_once(new_text[name], old, new)
+        except PatchError as err:
+            raise PatchError(f"{name}: {err}") from None
+    changed = []
+    for name, text in new_text.items():
+        path = root / name
+        if path.read_text() != text:
+            path.write_text(text)
+            changed.append(name)
+    return sorted(changed)
+
+
 def rename_calls(text: str, pattern: str, new: str, expected: int) -> str:
     found = len(re.findall(pattern, text))
     if found == 0 and new in text:
