@@ -24,11 +24,10 @@ Usage: python patch_canonical_maps.py PATH/TO/MinkowskiEngine-0.5.4
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from patch_cuda_sources import PatchError, apply_replacements
+from patch_cuda_sources import apply_replacements, run_patch_command
 
 # One order for every map, (output, input): placed by output in linear time where outputs
 # are unique (every kernel offset), otherwise the pairs packed as (output << 32 | input)
@@ -164,16 +163,7 @@ def patch_tree(root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source_dir", type=Path, help="unpacked MinkowskiEngine sdist")
-    args = parser.parse_args(argv)
-    try:
-        changed = patch_tree(args.source_dir)
-    except PatchError as err:
-        print(f"patch_canonical_maps: {err}", file=sys.stderr)
-        return 1
-    print(f"patched {len(changed)} files: {', '.join(changed) or '(already patched)'}")
-    return 0
+    return run_patch_command("patch_canonical_maps", __doc__, patch_tree, argv)
 
 
 if __name__ == "__main__":

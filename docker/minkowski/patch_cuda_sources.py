@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 MARKER = "// bifusion: CUDA 12+ build patch"
@@ -145,30 +147,47 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def apply_replacements(root: Path, replacements: list[tuple[str, str, str]]) -> list[str]:
-    """Apply (file under ``root``, old, new) replacements with :func:`replace_once`, in order;
-    writes only files that changed and returns them. Nothing is written if an anchor is
-    missing."""
+def edit_tree(root: Path, edits: list[tuple[str, Callable[[str], str]]]) -> list[str]:
+    """Apply (file under ``root``, text -> text) edits in order. Writes only the files that
+    changed, and none if any edit fails; returns the changed files."""
     if not (root / "src").is_dir():
         raise PatchError(f"{root} has no src/ folder: not a MinkowskiEngine source tree")
     new_text: dict[str, str] = {}
-    for name, old, new in replacements:
-        path = root / name
+    for name, edit in edits:
         if name not in new_text:
+            path = root / name
             if not path.is_file():
                 raise PatchError(f"missing source file {name}")
             new_text[name] = path.read_text()
         try:
-            new_text[name] = replace_once(new_text[name], old, new)
+            new_text[name] = edit(new_text[name])
         except PatchError as err:
             raise PatchError(f"{name}: {err}") from None
-    changed = []
-    for name, text in new_text.items():
-        path = root / name
-        if path.read_text() != text:
-            path.write_text(text)
-            changed.append(name)
+    changed = [name for name, text in new_text.items() if (root / name).read_text() != text]
+    for name in changed:
+        (root / name).write_text(new_text[name])
     return sorted(changed)
+
+
+def apply_replacements(root: Path, replacements: list[tuple[str, str, str]]) -> list[str]:
+    """:func:`edit_tree` with (file under ``root``, old, new) replacements, each exactly once."""
+    return edit_tree(
+        root, [(name, partial(replace_once, old=old, new=new)) for name, old, new in replacements]
+    )
+
+
+def run_patch_command(name: str, doc: str, patch_tree: Callable[[Path], list[str]], argv) -> int:
+    """A patch script's command line: patch the tree, say what changed, exit 1 on failure."""
+    parser = argparse.ArgumentParser(prog=name, description=doc.split("\n\n")[0])
+    parser.add_argument("source_dir", type=Path, help="unpacked MinkowskiEngine sdist")
+    args = parser.parse_args(argv)
+    try:
+        changed = patch_tree(args.source_dir)
+    except PatchError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 1
+    print(f"patched {len(changed)} files: {', '.join(changed) or '(already patched)'}")
+    return 0
 
 
 def rename_calls(text: str, pattern: str, new: str, expected: int) -> str:
@@ -181,54 +200,21 @@ def rename_calls(text: str, pattern: str, new: str, expected: int) -> str:
 
 
 def patch_tree(root: Path) -> list[str]:
-    """Patch ``root/src`` in place; returns the files that changed."""
-    src = root / "src"
-    if not src.is_dir():
-        raise PatchError(f"{root} has no src/ folder: not a MinkowskiEngine source tree")
-    new_text: dict[str, str] = {}
-
-    def current(name: str) -> str:
-        if name not in new_text:
-            path = src / name
-            if not path.is_file():
-                raise PatchError(f"missing source file src/{name}")
-            new_text[name] = path.read_text()
-        return new_text[name]
-
-    def apply(name: str, change) -> None:
-        try:
-            new_text[name] = change(current(name))
-        except PatchError as err:
-            raise PatchError(f"src/{name}: {err}") from None
-
+    """Patch ``root/src`` in place; returns the files that changed (names under src/)."""
     # Renames first: the wrapper inserted below calls the original function itself.
-    for name, pattern, new, expected in CALL_RENAMES:
-        apply(name, lambda text, p=pattern, n=new, e=expected: rename_calls(text, p, n, e))
-    for name, old, new in REPLACEMENTS:
-        apply(name, lambda text, o=old, n=new: replace_once(text, o, n))
-    for name, headers in MISSING_INCLUDES.items():
-        apply(name, lambda text, h=headers: add_includes(text, h))
-
-    changed = []
-    for name, text in new_text.items():
-        path = src / name
-        if path.read_text() != text:
-            path.write_text(text)
-            changed.append(name)
-    return sorted(changed)
+    edits = [
+        (f"src/{name}", partial(rename_calls, pattern=pattern, new=new, expected=expected))
+        for name, pattern, new, expected in CALL_RENAMES
+    ]
+    edits += [(f"src/{name}", partial(replace_once, old=old, new=new)) for name, old, new in REPLACEMENTS]
+    edits += [
+        (f"src/{name}", partial(add_includes, headers=headers)) for name, headers in MISSING_INCLUDES.items()
+    ]
+    return [name.removeprefix("src/") for name in edit_tree(root, edits)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source_dir", type=Path, help="unpacked MinkowskiEngine sdist")
-    args = parser.parse_args(argv)
-    try:
-        changed = patch_tree(args.source_dir)
-    except PatchError as err:
-        print(f"patch_cuda_sources: {err}", file=sys.stderr)
-        return 1
-    print(f"patched {len(changed)} files: {', '.join(changed) or '(already patched)'}")
-    return 0
+    return run_patch_command("patch_cuda_sources", __doc__, patch_tree, argv)
 
 
 if __name__ == "__main__":

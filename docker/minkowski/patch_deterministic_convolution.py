@@ -31,11 +31,10 @@ Usage: python patch_deterministic_convolution.py PATH/TO/MinkowskiEngine-0.5.4
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from patch_cuda_sources import PatchError, apply_replacements
+from patch_cuda_sources import apply_replacements, run_patch_command
 
 ORIGINAL_KERNEL_HEAD = """\
                                  const cpu_out_maps &out_maps) {
@@ -183,16 +182,7 @@ def patch_tree(root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source_dir", type=Path, help="unpacked MinkowskiEngine sdist")
-    args = parser.parse_args(argv)
-    try:
-        changed = patch_tree(args.source_dir)
-    except PatchError as err:
-        print(f"patch_deterministic_convolution: {err}", file=sys.stderr)
-        return 1
-    print(f"patched {len(changed)} files: {', '.join(changed) or '(already patched)'}")
-    return 0
+    return run_patch_command("patch_deterministic_convolution", __doc__, patch_tree, argv)
 
 
 if __name__ == "__main__":
