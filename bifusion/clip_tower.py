@@ -20,7 +20,64 @@ def build_visual(config: ClipConfig) -> nn.Module:
     vision_cfg = dict(model_cfg["vision_cfg"], image_size=config.image_size)
     visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=config.quick_gelu)
     visual.prune_intermediate_layers(indices=[config.layers - 1], prune_norm=True, prune_head=True)
+    visual.conv1 = PatchwiseConv2d.like(visual.conv1)
     return visual
+
+
+class PatchwiseConv2d(nn.Conv2d):
+    """A convolution whose stride equals its kernel (each output pixel sees one patch of its
+    own: ViT's patch embedding, a 1×1 projection), computed as one matmul over the patches.
+
+    Same parameters, same state dict, same result to float32 rounding. On a CPU the matmul
+    runs in MKL's gemm, which gives the same bits at any thread count (strict reproducible
+    mode, ``bifusion/threads.py``); oneDNN's convolution did not: a 1×1 projection of a
+    14×14 token map differed by 1e-6 between processes started at 1 and 2 threads.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=kernel_size, bias=bias, device=device, dtype=dtype
+        )
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d) -> PatchwiseConv2d:
+        """This module in place of ``conv`` (whose stride must equal its kernel, no padding)."""
+        kernel = conv.kernel_size
+        plain = conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+        if kernel[0] != kernel[1] or conv.stride != kernel or not plain:
+            raise ValueError(f"{conv} is not a patchwise convolution")
+        # skip_init: no random initialisation, so a model's random-init parameters after this
+        # one (the demo checkpoint's) stay what they were.
+        patchwise = nn.utils.skip_init(
+            cls,
+            conv.in_channels,
+            conv.out_channels,
+            kernel[0],
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        patchwise.load_state_dict(conv.state_dict())
+        return patchwise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        b, c, h, w = x.shape
+        rows, cols = h // k, w // k  # as the convolution: a partial patch at the edge is dropped
+        patches = x[:, :, : rows * k, : cols * k].reshape(b, c, rows, k, cols, k)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, rows, cols, c * k * k)
+        out = F.linear(patches, self.weight.flatten(1), self.bias)
+        # N×C×H×W with channels-last strides, no copy: open_clip flattens the patch
+        # embedding's map back to tokens as a view, and interpolation takes either layout.
+        return out.permute(0, 3, 1, 2)
 
 
 class ClipTower(nn.Module):
@@ -32,7 +89,7 @@ class ClipTower(nn.Module):
         self.layer_index = config.layers - 1
         self.map_size = tuple(map_size)
         self.visual = build_visual(config)
-        self.proj = nn.Conv2d(config.width, out_dim, kernel_size=1)
+        self.proj = PatchwiseConv2d(config.width, out_dim, kernel_size=1)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
 

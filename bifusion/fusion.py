@@ -12,12 +12,52 @@ class Head(nn.Module):
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dim, dim)
+            OrderedLinear(dim, dim), nn.ReLU(inplace=True), nn.Dropout(dropout), OrderedLinear(dim, dim)
         )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.mlp(x))
+
+
+# Below this many rows a product is summed in index order (ordered_linear); above it, MKL's
+# gemm gave the same bits at 1, 2 and 3 threads for every shape measured.
+ORDERED_ROWS = 16
+
+
+def ordered_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with every output summed in index order by a sequential scan (torch
+    accumulates a float32 cumulative sum in float64): the same bits at any thread count, by
+    construction. For a few rows only: it holds rows×out×in products at once.
+
+    A BLAS product of a few rows is not thread-invariant: MKL split such products by thread
+    count and rounded them differently, also in its strict reproducible mode (measured on an
+    AMD EPYC: 16×256 weights against 2 to 13 rows, and 256×256 against 2 or 3 rows at 3
+    threads); oneDNN's convolution did the same for the squeeze-excitation's.
+    """
+    out = (x.unsqueeze(-2) * weight).cumsum(-1)[..., -1]
+    return out if bias is None else out + bias
+
+
+class OrderedLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) that takes :func:`ordered_linear` for
+    inputs of fewer than ``ORDERED_ROWS`` rows: a frame or a block with a handful of points."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < ORDERED_ROWS * self.in_features:
+            return ordered_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class PointwiseConv1d(nn.Conv1d):
+    """A kernel-1 Conv1d (same parameters and state dict) computed by :func:`ordered_linear`:
+    the squeeze-excitation's rows are one per frame, always a few."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # B×C×L
+        return ordered_linear(x.transpose(1, 2), self.weight.squeeze(-1), self.bias).transpose(1, 2)
 
 
 class LiteFusionGate(nn.Module):
@@ -27,11 +67,13 @@ class LiteFusionGate(nn.Module):
     def __init__(self, dim: int, hidden: int, tau: float, se_hidden: int):
         super().__init__()
         self.tau = tau
-        self.gate = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+        self.gate = nn.Sequential(
+            OrderedLinear(2 * dim, hidden), nn.ReLU(inplace=True), OrderedLinear(hidden, 1)
+        )
         self.se = nn.Sequential(
-            nn.Conv1d(dim, se_hidden, 1),
+            PointwiseConv1d(dim, se_hidden),
             nn.ReLU(inplace=True),
-            nn.Conv1d(se_hidden, dim, 1),
+            PointwiseConv1d(se_hidden, dim),
             nn.Sigmoid(),
         )
 

@@ -9,7 +9,7 @@ from torch import nn
 from . import geometry as geo
 from .clip_tower import ClipTower
 from .config import ModelConfig
-from .fusion import Head, LiteFusionGate, masked_segment_sums
+from .fusion import Head, LiteFusionGate, OrderedLinear, masked_segment_sums
 from .minkowski import ME
 from .unet import Res16UNet34C
 
@@ -21,7 +21,7 @@ class BiFusionModel(nn.Module):
         dim = config.feature_dim
         self.clip = ClipTower(config.clip, dim, config.feature_map_size)
         self.unet = Res16UNet34C(config.unet)
-        self.proj_3d = nn.Sequential(nn.Linear(self.unet.out_channels, dim), nn.LayerNorm(dim))
+        self.proj_3d = nn.Sequential(OrderedLinear(self.unet.out_channels, dim), nn.LayerNorm(dim))
         self.head2d = Head(dim, config.head_dropout)
         self.head3d = Head(dim, config.head_dropout)
         self.fusion = LiteFusionGate(dim, config.gate_hidden, config.gate_tau, config.se_hidden)

@@ -62,6 +62,35 @@ def test_2d_tower_matches_open_clip_forward_intermediates(tmp_path, capsys, mode
     assert maps.shape == (2, 256, 30, 40)
 
 
+def test_patchwise_convolution_is_the_convolution_it_replaces():
+    """The patch embedding and the 1×1 projection run as one matmul over patches (the same
+    bits at any thread count on a CPU): the same parameters and state dict, the same result
+    to float32 rounding, a partial patch at the edge dropped as the convolution drops it."""
+    from torch import nn
+
+    from bifusion.clip_tower import PatchwiseConv2d
+
+    torch.manual_seed(5)
+    for conv, shape in (
+        (nn.Conv2d(3, 64, 16, stride=16, bias=False), (2, 3, 70, 50)),
+        (nn.Conv2d(96, 32, 1), (3, 96, 7, 9)),
+    ):
+        patchwise = PatchwiseConv2d.like(conv)
+        assert patchwise.state_dict().keys() == conv.state_dict().keys()
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            expected, got = conv(x), patchwise(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for other in (
+        nn.Conv2d(3, 8, 3),
+        nn.Conv2d(3, 8, 2, stride=2, padding=1),
+        nn.Conv2d(4, 8, 2, stride=2, groups=2),
+    ):
+        with pytest.raises(ValueError, match="not a patchwise convolution"):
+            PatchwiseConv2d.like(other)
+
+
 def oneformer3d_backbone_shapes() -> dict[str, tuple[int, ...]]:
     """Key → shape of OneFormer3D's Res16UNet34C (in_channels=3, out_channels=96,
     conv1_kernel_size=5), written out from its mink_unet.py naming, independently of

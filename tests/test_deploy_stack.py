@@ -319,7 +319,7 @@ nvcc = os.path.join(site, "nvidia", "cu13", "bin", "nvcc")
 check_cpu_determinism()  # its CPU code carries the determinism patches too
 # nvcc compiled its CPU convolution with OpenMP (the kernel's parallel region is there).
 import re
-parallel = bool(re.search(rb"ConvolutionForwardKernelCPU[^\x00]*_omp_fn", open(so, "rb").read()))
+parallel = bool(re.search(rb"ConvolutionForwardKernelCPU[0-9A-Za-z_]*[.]_omp_fn", open(so, "rb").read()))
 # Without a GPU the same image serves on the CPU: one frame end to end, the same bits at
 # one thread and at two.
 rng = np.random.default_rng(0)

@@ -51,4 +51,30 @@ def test_invalid_points_do_not_reach_the_squeeze():
 def test_heads_share_one_structure():
     head = Head(256, 0.1)
     kinds = [type(m).__name__ for m in head.mlp] + [type(head.norm).__name__]
-    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "LayerNorm"]
+    assert kinds == ["OrderedLinear", "ReLU", "Dropout", "OrderedLinear", "LayerNorm"]
+
+
+def test_few_rows_are_summed_in_index_order_and_agree_with_the_gemm():
+    """A product of a few rows (a tiny frame, the squeeze-excitation's one row per frame)
+    is summed in index order; it agrees with the BLAS product to float32 rounding, and the
+    layers keep nn.Linear's and nn.Conv1d's parameters."""
+    from torch import nn
+
+    from bifusion.fusion import ORDERED_ROWS, OrderedLinear, PointwiseConv1d, ordered_linear
+
+    torch.manual_seed(3)
+    layer = OrderedLinear(64, 32)
+    assert layer.state_dict().keys() == nn.Linear(64, 32).state_dict().keys()
+    for rows in (1, 5, ORDERED_ROWS - 1, ORDERED_ROWS, 300):
+        x = torch.randn(rows, 64)
+        expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    few = torch.randn(3, 64)
+    assert torch.equal(layer(few), ordered_linear(few, layer.weight, layer.bias))
+    # The float32 products summed in float64 in index order, then rounded once.
+    in_order = (few.unsqueeze(-2) * layer.weight).double().cumsum(-1)[..., -1]
+    assert torch.equal(ordered_linear(few, layer.weight, None), in_order.float())
+    conv = PointwiseConv1d(64, 8)
+    assert conv.state_dict().keys() == nn.Conv1d(64, 8, 1).state_dict().keys()
+    x = torch.randn(4, 64, 1)
+    torch.testing.assert_close(conv(x), nn.functional.conv1d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
