@@ -37,9 +37,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 OPENMP_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 # Read by torch's MKL at its first call; a value already in the environment wins. Strict
-# conditional numerical reproducibility: MKL's gemm (the CLIP branch's linear layers) gives
-# the same bits at any thread count, as MinkowskiEngine's patched convolution does (no cost
-# measured on a 2-core AMD EPYC: docs/benchmarks.md).
+# conditional numerical reproducibility: Intel documents that MKL's gemm (the dense layers)
+# then gives the same bits at any thread count on its AVX2 and AVX-512 code paths. On an AMD
+# EPYC it did not for products of a few rows, which bifusion/fusion.py sums in order itself.
+# No cost measured there (docs/benchmarks.md).
 MKL_ENV_DEFAULTS = {"MKL_CBWR": "AUTO,STRICT"}
 
 # OMP_WAIT_POLICY as the OpenMP runtime read it when it started ("" for unset); None until
