@@ -29,9 +29,10 @@ class PatchwiseConv2d(nn.Conv2d):
     own: ViT's patch embedding, a 1×1 projection), computed as one matmul over the patches.
 
     Same parameters, same state dict, same result to float32 rounding. On a CPU the matmul
-    runs in MKL's gemm, which gives the same bits at any thread count (strict reproducible
-    mode, ``bifusion/threads.py``); oneDNN's convolution did not: a 1×1 projection of a
-    14×14 token map differed by 1e-6 between processes started at 1 and 2 threads.
+    runs in MKL's gemm, which for these many rows (one per patch) gave the same bits at
+    every thread count measured (products of a few rows do not: ``bifusion/fusion.py``);
+    oneDNN's convolution did not: a 1×1 projection of a 14×14 token map differed by 1e-6
+    between processes started at 1 and 2 threads.
     """
 
     def __init__(

@@ -7,7 +7,6 @@ here.
 
 import collections
 import collections.abc
-import sys
 import warnings
 
 if not hasattr(collections, "Sequence"):
@@ -22,6 +21,7 @@ warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with
 warnings.filterwarnings("ignore", message=r"torch.sparse.SparseTensor\(indices, values, shape")
 
 import MinkowskiEngine as ME  # noqa: E402
+from MinkowskiEngineBackend import _C as backend  # noqa: E402  (its compiled extension)
 
 __all__ = [
     "ME",
@@ -70,7 +70,6 @@ def check_deterministic_convolution() -> None:
     kernel offset's gemm is split among OpenBLAS's threads by their number, and a feature
     can round differently with it. The patched extension module says so itself.
     """
-    backend = sys.modules["MinkowskiEngineBackend._C"]
     if not getattr(backend, "deterministic_cpu_convolution", False):
         raise MinkowskiBuildError(
             f"MinkowskiEngine at {ME.__file__} splits its CPU convolutions' gemms by "
